@@ -49,6 +49,7 @@ CREATE TABLE jobs (
     -- Superseding key: a new job of the same (repository, PR or branch, job name)
     -- cancels the older active ones.
     group_key       text NOT NULL DEFAULT '',
+    spec            jsonb NOT NULL DEFAULT '{}',     -- the job as loaded (rules, timeout, notifiers)
     superseded_by   text,                            -- the SHA of the run that superseded this one
     UNIQUE (run_id, name)
 );
@@ -62,6 +63,7 @@ CREATE TABLE steps (
     name            text NOT NULL,
     state           text NOT NULL DEFAULT 'pending', -- pending, running, succeeded, failed, cancelled, skipped
     decided_by      text,                            -- 'default' or the handler that ended the step
+    spec            jsonb NOT NULL DEFAULT '{}',     -- the step as loaded, without its tasks
     started_at      timestamptz,
     finished_at     timestamptz,
     message         text NOT NULL DEFAULT '',
@@ -82,6 +84,8 @@ CREATE TABLE tasks (
     interruptible   boolean NOT NULL DEFAULT true,
     -- Same for every attempt of this task, sent as Idempotency-Key.
     idempotency_key text NOT NULL,
+    timeout_s       double precision NOT NULL,       -- one attempt
+    spec            jsonb NOT NULL DEFAULT '{}',     -- the task as loaded (arguments unrendered)
     -- True once the task's outcome no longer changes its step (the step ended first).
     detached        boolean NOT NULL DEFAULT false,
     started_at      timestamptz,

@@ -1,0 +1,707 @@
+"""The engine's state machine: runs, jobs, steps, tasks and attempts.
+
+Every public method takes a connection inside a transaction and makes one state change
+with all its consequences (events, notifier rows, the next step, the run's outcome), so
+the caller's commit makes them durable together. Changes inside one job are serialised
+by locking the job's row; the run's row is locked when a job ends.
+
+Outcome rules:
+- A step waits for its tasks and succeeds when every task that ran succeeded or allows
+  failure. A task event handler (`set_step_success`, `set_step_failure`) ends the step at
+  once; the first decision wins and later ones are recorded as ignored.
+- Ending a step cancels its running interruptible tasks. Non-interruptible tasks run on
+  "detached": their outcome is recorded but no longer changes the step.
+- A failed step fails the job; a succeeded one starts the next step. A step event
+  handler (`set_job_success`, `set_job_failure`) ends the job at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+
+from bot.actions.base import AttemptResult
+from bot.config import Settings
+from bot.engine import rows
+from bot.engine.events import Event, EventHook, RunInfo, Scope, insert_event, run_hooks
+from bot.engine.notify import enqueue_notifiers
+from bot.store.db import notify
+from pipelines_schema.models import Job, Pipeline, from_dict, to_dict
+from pipelines_schema.rules import matches
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """Everything needed to create a run."""
+
+    pipeline: Pipeline
+    labels: dict[str, Any]
+    forge: str = "manual"
+    repository: str = ""
+    sha: str = ""
+    ref: str = ""
+    pr_number: int | None = None
+    trusted: bool = True
+    source: dict[str, Any] = field(default_factory=dict)
+    delivery_pk: int | None = None
+    # Base of the superseding key, e.g. "github:acme/web#pr:5"; empty disables superseding.
+    group_base: str = ""
+    only_jobs: Sequence[str] | None = None
+
+
+def backoff_delay_s(attempt_number: int, backoff: dict[str, Any]) -> float:
+    """Delay before attempt `attempt_number + 1`: exponential, capped, with equal jitter.
+
+    Equal jitter keeps at least half of the exponential delay, so retries never bunch up
+    at zero, and spreads the other half at random.
+    """
+    initial_s = float(backoff.get("initial_s", 5.0))
+    factor = float(backoff.get("factor", 2.0))
+    max_s = float(backoff.get("max_s", 300.0))
+    delay_s = min(max_s, initial_s * factor ** max(0, attempt_number - 1))
+    return delay_s / 2 + random.uniform(0, delay_s / 2)
+
+
+class Engine:
+    """State changes of runs. Stateless apart from configuration: safe to share."""
+
+    def __init__(self, settings: Settings, hooks: Sequence[EventHook] = ()) -> None:
+        self.settings = settings
+        self.hooks: list[EventHook] = list(hooks)
+
+    def run_url(self, run_id: int) -> str:
+        return f"{self.settings.callback_base_url}/runs/{run_id}"
+
+    async def run_info(self, conn: asyncpg.Connection, run_id: int) -> RunInfo:
+        return RunInfo.from_row(await rows.fetch_run(conn, run_id), self.run_url(run_id))
+
+    # ---- events -------------------------------------------------------------------------
+
+    async def _emit(
+        self,
+        conn: asyncpg.Connection,
+        scope: Scope,
+        name: str,
+        notifiers: Sequence[dict[str, Any]] = (),
+        **details: Any,
+    ) -> Event:
+        event = await insert_event(conn, scope, name, **details)
+        await enqueue_notifiers(conn, notifiers, event, scope.run)
+        await run_hooks(conn, self.hooks, event, scope.run)
+        return event
+
+    # ---- creating runs ------------------------------------------------------------------
+
+    async def create_run(self, conn: asyncpg.Connection, request: RunRequest) -> int:
+        """Insert a run with its jobs, steps and tasks, and start the jobs whose rules match."""
+        run_id = await conn.fetchval(
+            "INSERT INTO runs (state, started_at, forge, repository, sha, ref, pr_number,"
+            " trusted, labels, pipeline, source, delivery_pk)"
+            " VALUES ('running', now(), $1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
+            request.forge,
+            request.repository,
+            request.sha,
+            request.ref,
+            request.pr_number,
+            request.trusted,
+            request.labels,
+            to_dict(request.pipeline),
+            request.source,
+            request.delivery_pk,
+        )
+        job_ids = []
+        for position, job in enumerate(request.pipeline.jobs):
+            if request.only_jobs is not None and job.name not in request.only_jobs:
+                continue
+            job_ids.append(await self._insert_job(conn, run_id, position, job, request))
+        run = await self.run_info(conn, run_id)
+        log.info(
+            "run created with %d job(s)",
+            len(job_ids),
+            extra={"run_id": run_id, "repository": request.repository},
+        )
+        for job_id in job_ids:
+            await self._supersede_older(conn, job_id, request.sha)
+        for job_id in job_ids:
+            await self._start_job(conn, run, job_id)
+        await self._maybe_finish_run(conn, run_id)
+        return int(run_id)
+
+    async def _insert_job(
+        self, conn: asyncpg.Connection, run_id: int, position: int, job: Job, request: RunRequest
+    ) -> int:
+        job_dict = to_dict(Pipeline(jobs=(job,)))["jobs"][0]
+        steps = job_dict.pop("steps")
+        group_key = f"{request.group_base}/{job.name}" if request.group_base else ""
+        job_id = await conn.fetchval(
+            "INSERT INTO jobs (run_id, position, name, group_key, spec)"
+            " VALUES ($1, $2, $3, $4, $5) RETURNING id",
+            run_id,
+            position,
+            job.name,
+            group_key,
+            job_dict,
+        )
+        for step_pos, step in enumerate(steps):
+            tasks = step.pop("tasks")
+            step_id = await conn.fetchval(
+                "INSERT INTO steps (job_id, position, name, spec) VALUES ($1, $2, $3, $4)"
+                " RETURNING id",
+                job_id,
+                step_pos,
+                step["name"],
+                step,
+            )
+            await conn.executemany(
+                "INSERT INTO tasks (step_id, run_id, position, name, action, max_attempts,"
+                " allow_failure, interruptible, idempotency_key, timeout_s, spec)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                [
+                    (
+                        step_id,
+                        run_id,
+                        task_pos,
+                        task["name"],
+                        task["action"],
+                        int(task["retries"]) + 1,
+                        task["allow_failure"],
+                        task["interruptible"],
+                        uuid.uuid4().hex,
+                        float(task["timeout_s"]),
+                        task,
+                    )
+                    for task_pos, task in enumerate(tasks)
+                ],
+            )
+        return int(job_id)
+
+    async def _supersede_older(self, conn: asyncpg.Connection, job_id: int, sha: str) -> None:
+        job = await conn.fetchrow("SELECT run_id, group_key FROM jobs WHERE id = $1", job_id)
+        assert job is not None
+        if not job["group_key"]:
+            return
+        older = await conn.fetch(
+            "SELECT id FROM jobs WHERE group_key = $1 AND run_id < $2"
+            " AND state IN ('pending', 'running') ORDER BY id",
+            job["group_key"],
+            job["run_id"],
+        )
+        if older:
+            await self.cancel_jobs(
+                conn,
+                [row["id"] for row in older],
+                reason=f"superseded by {sha[:12]}" if sha else "superseded by a newer run",
+                superseded_by=sha or None,
+            )
+
+    # ---- jobs and steps -----------------------------------------------------------------
+
+    async def _pipeline(self, conn: asyncpg.Connection, run_id: int) -> Pipeline:
+        data = await conn.fetchval("SELECT pipeline FROM runs WHERE id = $1", run_id)
+        return from_dict(data)
+
+    async def _start_job(self, conn: asyncpg.Connection, run: RunInfo, job_id: int) -> None:
+        job = await rows.lock_job(conn, job_id)
+        if job["state"] != "pending":
+            return
+        rule = (await self._pipeline(conn, run.id)).jobs[job["position"]].rules
+        if not matches(rule, run.labels):
+            await rows.set_state(conn, "jobs", job_id, "skipped", message="rules did not match")
+            await conn.execute("UPDATE steps SET state = 'skipped' WHERE job_id = $1", job_id)
+            await conn.execute(
+                "UPDATE tasks SET state = 'skipped' WHERE step_id IN"
+                " (SELECT id FROM steps WHERE job_id = $1)",
+                job_id,
+            )
+            return
+        timeout_s = job["spec"].get("timeout_s")
+        deadline = {"deadline_at": None}
+        if timeout_s:
+            deadline = {
+                "deadline_at": await conn.fetchval(
+                    "SELECT now() + $1::interval", timedelta(seconds=float(timeout_s))
+                )
+            }
+        await rows.set_state(conn, "jobs", job_id, "running", extra=deadline)
+        scope = Scope(run=run, job_id=job_id, job=job["name"])
+        await self._emit(conn, scope, "started", job["spec"].get("notifiers", ()), state="running")
+        await self._start_step(conn, run, job_id, 0)
+
+    async def _start_step(
+        self, conn: asyncpg.Connection, run: RunInfo, job_id: int, position: int
+    ) -> None:
+        """Start the first step at or after `position` whose rules match."""
+        job = await conn.fetchrow("SELECT * FROM jobs WHERE id = $1", job_id)
+        assert job is not None
+        pipeline = await self._pipeline(conn, run.id)
+        steps = pipeline.jobs[job["position"]].steps
+        while position < len(steps) and not matches(steps[position].rules, run.labels):
+            step = await rows.fetch_step_at(conn, job_id, position)
+            assert step is not None
+            await rows.set_state(
+                conn, "steps", step["id"], "skipped", message="rules did not match"
+            )
+            await conn.execute("UPDATE tasks SET state = 'skipped' WHERE step_id = $1", step["id"])
+            position += 1
+        if position >= len(steps):
+            await self._finish_job(conn, run, job_id, "succeeded", decided_by="default")
+            return
+        step = await rows.fetch_step_at(conn, job_id, position)
+        assert step is not None
+        await conn.execute("UPDATE jobs SET current_step = $2 WHERE id = $1", job_id, position)
+        await rows.set_state(conn, "steps", step["id"], "running")
+        scope = Scope(
+            run=run, job_id=job_id, job=job["name"], step_id=step["id"], step=step["name"]
+        )
+        await self._emit(conn, scope, "started", step["spec"].get("notifiers", ()), state="running")
+        started = 0
+        for task, model in zip(
+            await rows.fetch_step_tasks(conn, step["id"]), steps[position].tasks, strict=True
+        ):
+            if not matches(model.rules, run.labels):
+                await rows.set_state(
+                    conn, "tasks", task["id"], "skipped", message="rules did not match"
+                )
+                continue
+            await self._start_task(conn, scope, task)
+            started += 1
+        if started == 0:
+            await self._decide_step(conn, run, step["id"], "succeeded", decided_by="default")
+
+    async def _start_task(
+        self, conn: asyncpg.Connection, step_scope: Scope, task: asyncpg.Record
+    ) -> None:
+        await rows.set_state(conn, "tasks", task["id"], "running", extra={"attempts": 1})
+        await conn.execute(
+            "INSERT INTO attempts (task_id, number, state, due_at) VALUES ($1, 1, 'queued', now())",
+            task["id"],
+        )
+        scope = self._task_scope(step_scope, task)
+        await self._emit(conn, scope, "started", task["spec"].get("notifiers", ()), state="running")
+        await notify(conn, "attempts")
+
+    @staticmethod
+    def _task_scope(step_scope: Scope, task: asyncpg.Record) -> Scope:
+        return Scope(
+            run=step_scope.run,
+            job_id=step_scope.job_id,
+            job=step_scope.job,
+            step_id=step_scope.step_id,
+            step=step_scope.step,
+            task_id=task["id"],
+            task=task["name"],
+        )
+
+    async def _step_scope(self, conn: asyncpg.Connection, run: RunInfo, step_id: int) -> Scope:
+        row = await conn.fetchrow(
+            "SELECT s.id, s.name, j.id AS job_id, j.name AS job_name"
+            " FROM steps s JOIN jobs j ON j.id = s.job_id WHERE s.id = $1",
+            step_id,
+        )
+        assert row is not None
+        return Scope(
+            run=run, job_id=row["job_id"], job=row["job_name"], step_id=step_id, step=row["name"]
+        )
+
+    # ---- attempts and tasks -------------------------------------------------------------
+
+    async def complete_attempt(
+        self,
+        conn: asyncpg.Connection,
+        attempt_id: int,
+        result: AttemptResult,
+        *,
+        owner: str | None = None,
+        cancelled: bool = False,
+    ) -> bool:
+        """Record an attempt's outcome and everything that follows from it.
+
+        Returns False, changing nothing, when the attempt is no longer active (a callback
+        or another process completed it first) or, with `owner`, when that process no
+        longer holds its lease.
+        """
+        ids = await rows.attempt_owner_ids(conn, attempt_id)
+        if ids is None:
+            return False
+        await rows.lock_job(conn, ids["job_id"])
+        attempt = await conn.fetchrow("SELECT * FROM attempts WHERE id = $1 FOR UPDATE", attempt_id)
+        assert attempt is not None
+        if attempt["state"] not in ("running", "waiting"):
+            return False
+        if owner is not None and (attempt["state"] != "running" or attempt["lease_owner"] != owner):
+            return False
+        state = "cancelled" if cancelled else result.outcome
+        await conn.execute(
+            "UPDATE attempts SET state = $2, finished_at = now(), message = $3,"
+            " response_status = coalesce($4, response_status),"
+            " response_excerpt = coalesce($5, response_excerpt),"
+            " lease_owner = NULL, lease_expires_at = NULL WHERE id = $1",
+            attempt_id,
+            state,
+            result.message,
+            result.response_status,
+            result.response_excerpt,
+        )
+        await conn.execute(
+            "UPDATE callbacks SET used_at = coalesce(used_at, now()) WHERE attempt_id = $1",
+            attempt_id,
+        )
+        task = await rows.fetch_task(conn, ids["task_id"])
+        if task["state"] != "running":
+            return True  # the task was cancelled or ended already; the attempt is only recorded
+        run = await self.run_info(conn, ids["run_id"])
+        scope = self._task_scope(await self._step_scope(conn, run, ids["step_id"]), task)
+        if state == "cancelled":
+            await self._end_task(conn, scope, task, "cancelled", result.message)
+            return True
+        if state == "succeeded":
+            await self._end_task(conn, scope, task, "succeeded", result.message)
+            return True
+        await self._attempt_failed(conn, scope, task, attempt, result)
+        return True
+
+    async def _attempt_failed(
+        self,
+        conn: asyncpg.Connection,
+        scope: Scope,
+        task: asyncpg.Record,
+        attempt: asyncpg.Record,
+        result: AttemptResult,
+    ) -> None:
+        notifiers = task["spec"].get("notifiers", ())
+        await self._emit(
+            conn,
+            scope,
+            "attempt_failed",
+            notifiers,
+            state="failed",
+            message=result.message,
+            attempt=attempt["number"],
+        )
+        can_retry = (
+            result.retryable and task["attempts"] < task["max_attempts"] and not task["detached"]
+        )
+        if not can_retry:
+            await self._end_task(conn, scope, task, "failed", result.message)
+            return
+        delay_s = backoff_delay_s(attempt["number"], task["spec"].get("backoff", {}))
+        if result.retry_after_s is not None:
+            delay_s = max(delay_s, result.retry_after_s)
+        number = task["attempts"] + 1
+        await conn.execute("UPDATE tasks SET attempts = $2 WHERE id = $1", task["id"], number)
+        await conn.execute(
+            "INSERT INTO attempts (task_id, number, state, due_at)"
+            " VALUES ($1, $2, 'queued', now() + $3::interval)",
+            task["id"],
+            number,
+            timedelta(seconds=delay_s),
+        )
+        log.info(
+            "attempt %d failed (%s); attempt %d in %.1f s",
+            attempt["number"],
+            result.message,
+            number,
+            delay_s,
+            extra={"run_id": scope.run.id, "task_id": task["id"]},
+        )
+        await notify(conn, "attempts")
+
+    async def _end_task(
+        self,
+        conn: asyncpg.Connection,
+        scope: Scope,
+        task: asyncpg.Record,
+        outcome: str,
+        message: str,
+    ) -> None:
+        """Set a task's final state, emit its events and apply its event handler."""
+        await rows.set_state(conn, "tasks", task["id"], outcome, message=message)
+        notifiers = task["spec"].get("notifiers", ())
+        if outcome in ("succeeded", "failed"):
+            await self._emit(conn, scope, outcome, notifiers, state=outcome, message=message)
+        await self._emit(conn, scope, "complete", notifiers, state=outcome, message=message)
+        log.info(
+            "task %s %s",
+            task["name"],
+            outcome,
+            extra={"run_id": scope.run.id, "task_id": task["id"]},
+        )
+        if task["detached"]:
+            await self._record_ignored_handler(
+                conn, scope, task["spec"], outcome, "the step had ended"
+            )
+            return
+        handler = task["spec"].get("event_handlers", {}).get(outcome)
+        assert scope.step_id is not None
+        if handler in ("set_step_success", "set_step_failure"):
+            decision = "succeeded" if handler == "set_step_success" else "failed"
+            await self._decide_step(
+                conn, scope.run, scope.step_id, decision, decided_by=f"{task['name']}:{handler}"
+            )
+            return
+        await self._decide_step_by_default(conn, scope.run, scope.step_id)
+
+    async def _record_ignored_handler(
+        self, conn: asyncpg.Connection, scope: Scope, spec: dict[str, Any], outcome: str, why: str
+    ) -> None:
+        handler = spec.get("event_handlers", {}).get(outcome)
+        if handler:
+            await insert_event(
+                conn,
+                scope,
+                "handler_ignored",
+                state=outcome,
+                message=f"{handler} on {outcome} ignored: {why}",
+            )
+
+    async def _decide_step_by_default(
+        self, conn: asyncpg.Connection, run: RunInfo, step_id: int
+    ) -> None:
+        tasks = await rows.fetch_step_tasks(conn, step_id)
+        attached = [task for task in tasks if not task["detached"]]
+        if any(task["state"] in rows.ACTIVE_STATES for task in attached):
+            return
+        failed = [
+            task["name"]
+            for task in attached
+            if task["state"] in ("failed", "cancelled") and not task["allow_failure"]
+        ]
+        outcome = "failed" if failed else "succeeded"
+        message = f"failed task(s): {', '.join(failed)}" if failed else ""
+        await self._decide_step(conn, run, step_id, outcome, decided_by="default", message=message)
+
+    async def _decide_step(
+        self,
+        conn: asyncpg.Connection,
+        run: RunInfo,
+        step_id: int,
+        outcome: str,
+        *,
+        decided_by: str,
+        message: str = "",
+    ) -> None:
+        step = await rows.fetch_step(conn, step_id)
+        scope = await self._step_scope(conn, run, step_id)
+        if step["state"] != "running":
+            await insert_event(
+                conn,
+                scope,
+                "decision_ignored",
+                state=outcome,
+                message=f"{decided_by} ignored: the step is already {step['state']}",
+            )
+            return
+        await rows.set_state(
+            conn, "steps", step_id, outcome, message=message, extra={"decided_by": decided_by}
+        )
+        await self._stop_running_tasks(conn, scope, step_id, f"step ended by {decided_by}")
+        notifiers = step["spec"].get("notifiers", ())
+        await self._emit(conn, scope, outcome, notifiers, state=outcome, message=message)
+        await self._emit(conn, scope, "complete", notifiers, state=outcome, message=message)
+        assert scope.job_id is not None
+        job = await conn.fetchrow("SELECT * FROM jobs WHERE id = $1", scope.job_id)
+        assert job is not None
+        if job["state"] != "running":
+            await self._record_ignored_handler(
+                conn, scope, step["spec"], outcome, "the job had ended"
+            )
+            return
+        handler = step["spec"].get("event_handlers", {}).get(outcome)
+        if handler in ("set_job_success", "set_job_failure"):
+            decision = "succeeded" if handler == "set_job_success" else "failed"
+            await self._finish_job(
+                conn, run, scope.job_id, decision, decided_by=f"{step['name']}:{handler}"
+            )
+        elif outcome == "failed":
+            await self._finish_job(
+                conn,
+                run,
+                scope.job_id,
+                "failed",
+                decided_by="default",
+                message=f"step {step['name']} failed",
+            )
+        else:
+            await self._start_step(conn, run, scope.job_id, step["position"] + 1)
+
+    async def _stop_running_tasks(
+        self, conn: asyncpg.Connection, step_scope: Scope, step_id: int, reason: str
+    ) -> None:
+        """Cancel a step's running interruptible tasks; detach the non-interruptible ones."""
+        for task in await rows.fetch_step_tasks(conn, step_id):
+            if task["state"] not in rows.ACTIVE_STATES or task["detached"]:
+                continue
+            if not task["interruptible"]:
+                await conn.execute("UPDATE tasks SET detached = true WHERE id = $1", task["id"])
+                continue
+            await self._cancel_task(conn, self._task_scope(step_scope, task), task, reason)
+
+    async def _cancel_task(
+        self, conn: asyncpg.Connection, scope: Scope, task: asyncpg.Record, reason: str
+    ) -> None:
+        await rows.set_state(conn, "tasks", task["id"], "cancelled", message=reason)
+        # Queued and parked attempts end here; a running one is stopped by the worker that
+        # holds it, which sees cancel_requested on its next heartbeat.
+        await conn.execute(
+            "UPDATE attempts SET state = 'cancelled', finished_at = now(), message = $2"
+            " WHERE task_id = $1 AND state IN ('queued', 'waiting')",
+            task["id"],
+            reason,
+        )
+        stopping = await conn.execute(
+            "UPDATE attempts SET cancel_requested = true WHERE task_id = $1 AND state = 'running'",
+            task["id"],
+        )
+        if stopping != "UPDATE 0":
+            await notify(conn, "cancel")
+        await conn.execute(
+            "UPDATE callbacks SET used_at = coalesce(used_at, now()) WHERE attempt_id IN"
+            " (SELECT id FROM attempts WHERE task_id = $1)",
+            task["id"],
+        )
+        notifiers = task["spec"].get("notifiers", ())
+        await self._emit(conn, scope, "complete", notifiers, state="cancelled", message=reason)
+
+    # ---- ending jobs and runs -----------------------------------------------------------
+
+    async def _finish_job(
+        self,
+        conn: asyncpg.Connection,
+        run: RunInfo,
+        job_id: int,
+        outcome: str,
+        *,
+        decided_by: str,
+        message: str = "",
+        superseded_by: str | None = None,
+    ) -> None:
+        job = await rows.lock_job(conn, job_id)
+        scope = Scope(run=run, job_id=job_id, job=job["name"])
+        if job["state"] not in rows.ACTIVE_STATES:
+            await insert_event(
+                conn,
+                scope,
+                "decision_ignored",
+                state=outcome,
+                message=f"{decided_by} ignored: the job is already {job['state']}",
+            )
+            return
+        extra: dict[str, Any] = {}
+        if superseded_by is not None:
+            extra["superseded_by"] = superseded_by
+        await rows.set_state(conn, "jobs", job_id, outcome, message=message, extra=extra)
+        for step in await conn.fetch("SELECT * FROM steps WHERE job_id = $1", job_id):
+            if step["state"] == "running":
+                await rows.set_state(conn, "steps", step["id"], "cancelled", message=message)
+                step_scope = await self._step_scope(conn, run, step["id"])
+                await self._stop_running_tasks(conn, step_scope, step["id"], message or outcome)
+                await self._emit(
+                    conn,
+                    step_scope,
+                    "complete",
+                    step["spec"].get("notifiers", ()),
+                    state="cancelled",
+                    message=message,
+                )
+            elif step["state"] == "pending":
+                await rows.set_state(conn, "steps", step["id"], "skipped")
+                await conn.execute(
+                    "UPDATE tasks SET state = 'skipped' WHERE step_id = $1 AND state = 'pending'",
+                    step["id"],
+                )
+        notifiers = job["spec"].get("notifiers", ())
+        if outcome in ("succeeded", "failed"):
+            await self._emit(conn, scope, outcome, notifiers, state=outcome, message=message)
+        await self._emit(conn, scope, "complete", notifiers, state=outcome, message=message)
+        log.info("job %s %s (%s)", job["name"], outcome, decided_by, extra={"run_id": run.id})
+        await self._maybe_finish_run(conn, run.id)
+
+    async def _maybe_finish_run(self, conn: asyncpg.Connection, run_id: int) -> None:
+        run_row = await rows.fetch_run(conn, run_id, lock=True)
+        if run_row["state"] != "running":
+            return
+        states = [
+            r["state"] for r in await conn.fetch("SELECT state FROM jobs WHERE run_id = $1", run_id)
+        ]
+        if any(state in rows.ACTIVE_STATES for state in states):
+            return
+        if "failed" in states:
+            outcome = "failed"
+        elif "cancelled" in states:
+            outcome = "cancelled"
+        else:
+            outcome = "succeeded"
+        message = "" if states and set(states) != {"skipped"} else "no job's rules matched"
+        await rows.set_state(conn, "runs", run_id, outcome, message=message)
+        run = RunInfo.from_row(run_row, self.run_url(run_id))
+        await self._emit(conn, Scope(run=run), "complete", (), state=outcome, message=message)
+        log.info("run %s", outcome, extra={"run_id": run_id})
+
+    async def cancel_jobs(
+        self,
+        conn: asyncpg.Connection,
+        job_ids: Sequence[int],
+        *,
+        reason: str,
+        superseded_by: str | None = None,
+    ) -> int:
+        """Cancel active jobs; return how many were still active."""
+        cancelled = 0
+        for job_id in job_ids:
+            job = await rows.lock_job(conn, job_id)
+            if job["state"] not in rows.ACTIVE_STATES:
+                continue
+            run = await self.run_info(conn, job["run_id"])
+            await self._finish_job(
+                conn,
+                run,
+                job_id,
+                "cancelled",
+                decided_by="cancel",
+                message=reason,
+                superseded_by=superseded_by,
+            )
+            cancelled += 1
+        return cancelled
+
+    async def cancel_run(self, conn: asyncpg.Connection, run_id: int, *, reason: str) -> int:
+        job_ids = [
+            row["id"]
+            for row in await conn.fetch(
+                "SELECT id FROM jobs WHERE run_id = $1 AND state IN ('pending', 'running')"
+                " ORDER BY id",
+                run_id,
+            )
+        ]
+        return await self.cancel_jobs(conn, job_ids, reason=reason)
+
+    # ---- deadlines ----------------------------------------------------------------------
+
+    async def expire_job(self, conn: asyncpg.Connection, job_id: int) -> bool:
+        """Fail a running job whose deadline has passed; return whether it did."""
+        job = await rows.lock_job(conn, job_id)
+        if job["state"] != "running" or job["deadline_at"] is None:
+            return False
+        overdue = await conn.fetchval("SELECT $1 <= now()", job["deadline_at"])
+        if not overdue:
+            return False
+        run = await self.run_info(conn, job["run_id"])
+        timeout_s = job["spec"].get("timeout_s")
+        await self._finish_job(
+            conn,
+            run,
+            job_id,
+            "failed",
+            decided_by="timeout",
+            message=f"job timed out after {timeout_s} s",
+        )
+        return True

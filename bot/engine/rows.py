@@ -1,0 +1,90 @@
+"""Row access for the engine: reads and locks of runs, jobs, steps, tasks and attempts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+
+ACTIVE_STATES = ("pending", "running")
+FINAL_STATES = ("succeeded", "failed", "cancelled", "skipped")
+
+
+async def lock_job(conn: asyncpg.Connection, job_id: int) -> asyncpg.Record:
+    """Lock a job row; every change inside one job is serialised on this lock."""
+    row = await conn.fetchrow("SELECT * FROM jobs WHERE id = $1 FOR UPDATE", job_id)
+    if row is None:
+        raise LookupError(f"job {job_id} does not exist")
+    return row
+
+
+async def fetch_run(conn: asyncpg.Connection, run_id: int, *, lock: bool = False) -> asyncpg.Record:
+    sql = "SELECT * FROM runs WHERE id = $1" + (" FOR UPDATE" if lock else "")
+    row = await conn.fetchrow(sql, run_id)
+    if row is None:
+        raise LookupError(f"run {run_id} does not exist")
+    return row
+
+
+async def fetch_step(conn: asyncpg.Connection, step_id: int) -> asyncpg.Record:
+    row = await conn.fetchrow("SELECT * FROM steps WHERE id = $1", step_id)
+    if row is None:
+        raise LookupError(f"step {step_id} does not exist")
+    return row
+
+
+async def fetch_step_at(
+    conn: asyncpg.Connection, job_id: int, position: int
+) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        "SELECT * FROM steps WHERE job_id = $1 AND position = $2", job_id, position
+    )
+
+
+async def fetch_task(conn: asyncpg.Connection, task_id: int) -> asyncpg.Record:
+    row = await conn.fetchrow("SELECT * FROM tasks WHERE id = $1", task_id)
+    if row is None:
+        raise LookupError(f"task {task_id} does not exist")
+    return row
+
+
+async def fetch_step_tasks(conn: asyncpg.Connection, step_id: int) -> list[asyncpg.Record]:
+    return list(
+        await conn.fetch("SELECT * FROM tasks WHERE step_id = $1 ORDER BY position", step_id)
+    )
+
+
+async def attempt_owner_ids(conn: asyncpg.Connection, attempt_id: int) -> asyncpg.Record | None:
+    """Return the task, step, job and run ids of an attempt (no lock)."""
+    return await conn.fetchrow(
+        "SELECT a.id, a.task_id, t.step_id, s.job_id, t.run_id"
+        " FROM attempts a JOIN tasks t ON t.id = a.task_id JOIN steps s ON s.id = t.step_id"
+        " WHERE a.id = $1",
+        attempt_id,
+    )
+
+
+async def set_state(
+    conn: asyncpg.Connection,
+    table: str,
+    row_id: int,
+    state: str,
+    *,
+    message: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Set a run, job, step or task state, stamping started_at and finished_at."""
+    assert table in ("runs", "jobs", "steps", "tasks")
+    assignments = ["state = $2"]
+    values: list[Any] = [row_id, state]
+    if state == "running":
+        assignments.append("started_at = coalesce(started_at, now())")
+    if state in FINAL_STATES:
+        assignments.append("finished_at = coalesce(finished_at, now())")
+    if message is not None:
+        values.append(message)
+        assignments.append(f"message = ${len(values)}")
+    for column, value in (extra or {}).items():
+        values.append(value)
+        assignments.append(f"{column} = ${len(values)}")
+    await conn.execute(f"UPDATE {table} SET {', '.join(assignments)} WHERE id = $1", *values)
