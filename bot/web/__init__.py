@@ -1,0 +1,1 @@
+"""HTTP handlers: callbacks, health checks, run pages."""

@@ -1,0 +1,140 @@
+"""Application wiring: the database, the engine, the worker, the outbox sender and the
+aiohttp application that serves webhooks, callbacks, run pages and health checks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+
+from bot.actions.registry import build_actions
+from bot.config import Settings
+from bot.engine.core import Engine
+from bot.engine.events import EventHook
+from bot.engine.worker import Worker
+from bot.net.secrets import SecretStore
+from bot.notifiers import build_notifier_sinks
+from bot.outbox.sender import OutboxSender, Sink
+from bot.store.db import create_pool, migrate
+from bot.store.embedded import EmbeddedPostgres
+from bot.web import callbacks, health
+
+log = logging.getLogger(__name__)
+
+SERVICES_KEY: web.AppKey[Services] = web.AppKey("services")
+
+
+@dataclass
+class Services:
+    """Everything a running KubeCI process shares between its parts."""
+
+    settings: Settings
+    pool: asyncpg.Pool
+    engine: Engine
+    worker: Worker
+    sender: OutboxSender
+    secrets: SecretStore
+    embedded: EmbeddedPostgres | None = None
+    background: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def start_background(self) -> None:
+        self.background = [
+            asyncio.create_task(self.worker.run(), name="worker"),
+            asyncio.create_task(self.sender.run(), name="outbox-sender"),
+        ]
+
+    async def stop_background(self, grace_s: float = 10.0) -> None:
+        await self.worker.stop(grace_s)
+        self.sender.stop()
+        for task in self.background:
+            task.cancel()
+        await asyncio.gather(*self.background, return_exceptions=True)
+        self.background = []
+
+
+async def open_database(settings: Settings) -> tuple[asyncpg.Pool, EmbeddedPostgres | None]:
+    """Connect to DATABASE_URL, or start the embedded server; apply migrations."""
+    embedded = None
+    dsn = settings.database_url
+    if not dsn:
+        embedded = EmbeddedPostgres(settings.data_dir / "postgres")
+        dsn = await asyncio.to_thread(embedded.start)
+    try:
+        pool = await create_pool(dsn, min_size=1, max_size=max(10, settings.worker_concurrency))
+        async with pool.acquire() as conn:
+            await migrate(conn)
+    except BaseException:
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+        raise
+    return pool, embedded
+
+
+async def build_services(
+    settings: Settings,
+    *,
+    hooks: Sequence[EventHook] = (),
+    extra_sinks: dict[str, Sink] | None = None,
+) -> Services:
+    pool, embedded = await open_database(settings)
+    secrets = SecretStore.from_settings(settings)
+    engine = Engine(settings, hooks=hooks)
+    worker = Worker(
+        pool,
+        engine,
+        build_actions(settings),
+        secrets,
+        worker_id=settings.worker_id,
+        concurrency=settings.worker_concurrency,
+        lease_s=settings.lease_s,
+        poll_interval_s=settings.poll_interval_s,
+    )
+    sinks: dict[str, Sink] = {**build_notifier_sinks(settings, secrets), **(extra_sinks or {})}
+    sender = OutboxSender(pool, sinks, worker_id=worker.worker_id)
+    return Services(settings, pool, engine, worker, sender, secrets, embedded)
+
+
+async def close_services(services: Services) -> None:
+    await services.stop_background()
+    await services.pool.close()
+    if services.embedded is not None:
+        await asyncio.to_thread(services.embedded.stop)
+
+
+def create_app(services: Services, *, routes: Sequence[Any] = ()) -> web.Application:
+    """The aiohttp application; `routes` adds feature routers (webhook intake, run pages)."""
+    app = web.Application(client_max_size=services.settings.max_body_bytes)
+    app[SERVICES_KEY] = services
+    callbacks.add_routes(app, services.engine, services.pool)
+    health.add_routes(app, services.pool)
+    for add_routes in routes:
+        add_routes(app)
+    return app
+
+
+@contextlib.asynccontextmanager
+async def serving(app: web.Application, host: str, port: int) -> AsyncIterator[int]:
+    """Serve `app` on host:port (0 picks a free port); yield the bound port."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    try:
+        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
+        yield int(sockets[0].getsockname()[1]) if sockets else port
+    finally:
+        await runner.cleanup()
+
+
+def with_bound_port(settings: Settings, port: int) -> Settings:
+    """Settings whose callback URLs point at the port actually bound."""
+    if settings.public_url:
+        return dataclasses.replace(settings, port=port)
+    return dataclasses.replace(settings, port=port, public_url=f"http://{settings.host}:{port}")
