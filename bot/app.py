@@ -127,8 +127,8 @@ async def serving(app: web.Application, host: str, port: int) -> AsyncIterator[i
     site = web.TCPSite(runner, host, port)
     await site.start()
     try:
-        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
-        yield int(sockets[0].getsockname()[1]) if sockets else port
+        addresses = runner.addresses
+        yield int(addresses[0][1]) if addresses else port
     finally:
         await runner.cleanup()
 

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "validate":
         from pipelines_schema.validate import main as validate_main
 
-        return validate_main([*args.files, "--format", args.format])
+        return int(validate_main([*args.files, "--format", args.format]))
     try:
         settings = Settings.from_env()
     except ConfigError as exc:

@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import asyncpg
+from pipelines_schema.loader import PipelineError, load_pipeline
 
 from bot.app import Services, build_services, close_services, create_app, serving, with_bound_port
 from bot.config import Settings
 from bot.engine.core import RunRequest
-from pipelines_schema.loader import PipelineError, load_pipeline
+from bot.store.db import Connection
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ class ProgressPrinter:
                 self.last_event_id = event["id"]
                 await self._print_event(conn, event)
 
-    async def _print_event(self, conn: asyncpg.Connection, event: asyncpg.Record) -> None:
+    async def _print_event(self, conn: Connection, event: asyncpg.Record) -> None:
         scope, name, payload = event["scope"], event["name"], event["payload"]
         if name == "complete" and scope != "run":
             return  # the failed/succeeded event already said it
@@ -118,7 +119,7 @@ class ProgressPrinter:
         if scope == "task" and name in ("succeeded", "failed"):
             await self._print_log_excerpt(conn, event["task_id"])
 
-    async def _print_log_excerpt(self, conn: asyncpg.Connection, task_id: int) -> None:
+    async def _print_log_excerpt(self, conn: Connection, task_id: int) -> None:
         rows = await conn.fetch(
             "SELECT l.content FROM logs l JOIN attempts a ON a.id = l.attempt_id"
             " WHERE a.task_id = $1 ORDER BY a.number DESC, l.id DESC LIMIT 50",
@@ -183,13 +184,13 @@ async def run_file(
 ) -> int:
     """Run the pipeline in `path` once; return 0 when it succeeds and 1 otherwise."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = await asyncio.to_thread(Path(path).read_text, encoding="utf-8")
         pipeline = load_pipeline(text, filename=path)
         labels: dict[str, Any] = {
             "forge": "manual",
             "event": "manual",
             "trigger": "manual",
-            **git_labels(Path(path).resolve().parent),
+            **git_labels(Path(os.path.abspath(path)).parent),
             **parse_labels(label_items),
         }
     except PipelineError as exc:

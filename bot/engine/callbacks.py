@@ -18,6 +18,7 @@ import asyncpg
 
 from bot.actions.base import AttemptResult
 from bot.engine.core import Engine
+from bot.store.db import Connection
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ def hash_token(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
 
 
-async def issue_token(conn: asyncpg.Connection, attempt_id: int, expires_at: datetime) -> str:
+async def issue_token(conn: Connection, attempt_id: int, expires_at: datetime) -> str:
     token = secrets.token_urlsafe(32)
     await conn.execute(
         "INSERT INTO callbacks (token_hash, attempt_id, expires_at) VALUES ($1, $2, $3)",

@@ -32,7 +32,7 @@ from bot.config import Settings
 from bot.engine import rows
 from bot.engine.events import Event, EventHook, RunInfo, Scope, insert_event, run_hooks
 from bot.engine.notify import enqueue_notifiers
-from bot.store.db import notify
+from bot.store.db import Connection, notify
 from pipelines_schema.models import Job, Pipeline, from_dict, to_dict
 from pipelines_schema.rules import matches
 
@@ -81,14 +81,14 @@ class Engine:
     def run_url(self, run_id: int) -> str:
         return f"{self.settings.callback_base_url}/runs/{run_id}"
 
-    async def run_info(self, conn: asyncpg.Connection, run_id: int) -> RunInfo:
+    async def run_info(self, conn: Connection, run_id: int) -> RunInfo:
         return RunInfo.from_row(await rows.fetch_run(conn, run_id), self.run_url(run_id))
 
     # ---- events -------------------------------------------------------------------------
 
     async def _emit(
         self,
-        conn: asyncpg.Connection,
+        conn: Connection,
         scope: Scope,
         name: str,
         notifiers: Sequence[dict[str, Any]] = (),
@@ -101,7 +101,7 @@ class Engine:
 
     # ---- creating runs ------------------------------------------------------------------
 
-    async def create_run(self, conn: asyncpg.Connection, request: RunRequest) -> int:
+    async def create_run(self, conn: Connection, request: RunRequest) -> int:
         """Insert a run with its jobs, steps and tasks, and start the jobs whose rules match."""
         run_id = await conn.fetchval(
             "INSERT INTO runs (state, started_at, forge, repository, sha, ref, pr_number,"
@@ -137,7 +137,7 @@ class Engine:
         return int(run_id)
 
     async def _insert_job(
-        self, conn: asyncpg.Connection, run_id: int, position: int, job: Job, request: RunRequest
+        self, conn: Connection, run_id: int, position: int, job: Job, request: RunRequest
     ) -> int:
         job_dict = to_dict(Pipeline(jobs=(job,)))["jobs"][0]
         steps = job_dict.pop("steps")
@@ -184,7 +184,7 @@ class Engine:
             )
         return int(job_id)
 
-    async def _supersede_older(self, conn: asyncpg.Connection, job_id: int, sha: str) -> None:
+    async def _supersede_older(self, conn: Connection, job_id: int, sha: str) -> None:
         job = await conn.fetchrow("SELECT run_id, group_key FROM jobs WHERE id = $1", job_id)
         assert job is not None
         if not job["group_key"]:
@@ -205,11 +205,11 @@ class Engine:
 
     # ---- jobs and steps -----------------------------------------------------------------
 
-    async def _pipeline(self, conn: asyncpg.Connection, run_id: int) -> Pipeline:
+    async def _pipeline(self, conn: Connection, run_id: int) -> Pipeline:
         data = await conn.fetchval("SELECT pipeline FROM runs WHERE id = $1", run_id)
         return from_dict(data)
 
-    async def _start_job(self, conn: asyncpg.Connection, run: RunInfo, job_id: int) -> None:
+    async def _start_job(self, conn: Connection, run: RunInfo, job_id: int) -> None:
         job = await rows.lock_job(conn, job_id)
         if job["state"] != "pending":
             return
@@ -236,9 +236,7 @@ class Engine:
         await self._emit(conn, scope, "started", job["spec"].get("notifiers", ()), state="running")
         await self._start_step(conn, run, job_id, 0)
 
-    async def _start_step(
-        self, conn: asyncpg.Connection, run: RunInfo, job_id: int, position: int
-    ) -> None:
+    async def _start_step(self, conn: Connection, run: RunInfo, job_id: int, position: int) -> None:
         """Start the first step at or after `position` whose rules match."""
         job = await conn.fetchrow("SELECT * FROM jobs WHERE id = $1", job_id)
         assert job is not None
@@ -277,9 +275,7 @@ class Engine:
         if started == 0:
             await self._decide_step(conn, run, step["id"], "succeeded", decided_by="default")
 
-    async def _start_task(
-        self, conn: asyncpg.Connection, step_scope: Scope, task: asyncpg.Record
-    ) -> None:
+    async def _start_task(self, conn: Connection, step_scope: Scope, task: asyncpg.Record) -> None:
         await rows.set_state(conn, "tasks", task["id"], "running", extra={"attempts": 1})
         await conn.execute(
             "INSERT INTO attempts (task_id, number, state, due_at) VALUES ($1, 1, 'queued', now())",
@@ -301,7 +297,7 @@ class Engine:
             task=task["name"],
         )
 
-    async def _step_scope(self, conn: asyncpg.Connection, run: RunInfo, step_id: int) -> Scope:
+    async def _step_scope(self, conn: Connection, run: RunInfo, step_id: int) -> Scope:
         row = await conn.fetchrow(
             "SELECT s.id, s.name, j.id AS job_id, j.name AS job_name"
             " FROM steps s JOIN jobs j ON j.id = s.job_id WHERE s.id = $1",
@@ -316,7 +312,7 @@ class Engine:
 
     async def complete_attempt(
         self,
-        conn: asyncpg.Connection,
+        conn: Connection,
         attempt_id: int,
         result: AttemptResult,
         *,
@@ -371,7 +367,7 @@ class Engine:
 
     async def _attempt_failed(
         self,
-        conn: asyncpg.Connection,
+        conn: Connection,
         scope: Scope,
         task: asyncpg.Record,
         attempt: asyncpg.Record,
@@ -417,7 +413,7 @@ class Engine:
 
     async def _end_task(
         self,
-        conn: asyncpg.Connection,
+        conn: Connection,
         scope: Scope,
         task: asyncpg.Record,
         outcome: str,
@@ -451,7 +447,7 @@ class Engine:
         await self._decide_step_by_default(conn, scope.run, scope.step_id)
 
     async def _record_ignored_handler(
-        self, conn: asyncpg.Connection, scope: Scope, spec: dict[str, Any], outcome: str, why: str
+        self, conn: Connection, scope: Scope, spec: dict[str, Any], outcome: str, why: str
     ) -> None:
         handler = spec.get("event_handlers", {}).get(outcome)
         if handler:
@@ -463,9 +459,7 @@ class Engine:
                 message=f"{handler} on {outcome} ignored: {why}",
             )
 
-    async def _decide_step_by_default(
-        self, conn: asyncpg.Connection, run: RunInfo, step_id: int
-    ) -> None:
+    async def _decide_step_by_default(self, conn: Connection, run: RunInfo, step_id: int) -> None:
         tasks = await rows.fetch_step_tasks(conn, step_id)
         attached = [task for task in tasks if not task["detached"]]
         if any(task["state"] in rows.ACTIVE_STATES for task in attached):
@@ -481,7 +475,7 @@ class Engine:
 
     async def _decide_step(
         self,
-        conn: asyncpg.Connection,
+        conn: Connection,
         run: RunInfo,
         step_id: int,
         outcome: str,
@@ -534,7 +528,7 @@ class Engine:
             await self._start_step(conn, run, scope.job_id, step["position"] + 1)
 
     async def _stop_running_tasks(
-        self, conn: asyncpg.Connection, step_scope: Scope, step_id: int, reason: str
+        self, conn: Connection, step_scope: Scope, step_id: int, reason: str
     ) -> None:
         """Cancel a step's running interruptible tasks; detach the non-interruptible ones."""
         for task in await rows.fetch_step_tasks(conn, step_id):
@@ -546,7 +540,7 @@ class Engine:
             await self._cancel_task(conn, self._task_scope(step_scope, task), task, reason)
 
     async def _cancel_task(
-        self, conn: asyncpg.Connection, scope: Scope, task: asyncpg.Record, reason: str
+        self, conn: Connection, scope: Scope, task: asyncpg.Record, reason: str
     ) -> None:
         await rows.set_state(conn, "tasks", task["id"], "cancelled", message=reason)
         # Queued and parked attempts end here; a running one is stopped by the worker that
@@ -575,7 +569,7 @@ class Engine:
 
     async def _finish_job(
         self,
-        conn: asyncpg.Connection,
+        conn: Connection,
         run: RunInfo,
         job_id: int,
         outcome: str,
@@ -625,7 +619,7 @@ class Engine:
         log.info("job %s %s (%s)", job["name"], outcome, decided_by, extra={"run_id": run.id})
         await self._maybe_finish_run(conn, run.id)
 
-    async def _maybe_finish_run(self, conn: asyncpg.Connection, run_id: int) -> None:
+    async def _maybe_finish_run(self, conn: Connection, run_id: int) -> None:
         run_row = await rows.fetch_run(conn, run_id, lock=True)
         if run_row["state"] != "running":
             return
@@ -648,7 +642,7 @@ class Engine:
 
     async def cancel_jobs(
         self,
-        conn: asyncpg.Connection,
+        conn: Connection,
         job_ids: Sequence[int],
         *,
         reason: str,
@@ -673,7 +667,7 @@ class Engine:
             cancelled += 1
         return cancelled
 
-    async def cancel_run(self, conn: asyncpg.Connection, run_id: int, *, reason: str) -> int:
+    async def cancel_run(self, conn: Connection, run_id: int, *, reason: str) -> int:
         job_ids = [
             row["id"]
             for row in await conn.fetch(
@@ -686,7 +680,7 @@ class Engine:
 
     # ---- deadlines ----------------------------------------------------------------------
 
-    async def expire_job(self, conn: asyncpg.Connection, job_id: int) -> bool:
+    async def expire_job(self, conn: Connection, job_id: int) -> bool:
         """Fail a running job whose deadline has passed; return whether it did."""
         job = await rows.lock_job(conn, job_id)
         if job["state"] != "running" or job["deadline_at"] is None:

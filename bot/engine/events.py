@@ -14,6 +14,8 @@ from typing import Any
 
 import asyncpg
 
+from bot.store.db import Connection
+
 log = logging.getLogger(__name__)
 
 
@@ -83,7 +85,7 @@ class Event:
 
 
 # A hook runs inside the emitting transaction; it may insert outbox rows on `conn`.
-EventHook = Callable[[asyncpg.Connection, Event, RunInfo], Awaitable[None]]
+EventHook = Callable[[Connection, Event, RunInfo], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,7 @@ class Scope:
 
 
 async def insert_event(
-    conn: asyncpg.Connection,
+    conn: Connection,
     scope: Scope,
     name: str,
     *,
@@ -151,7 +153,7 @@ async def insert_event(
 
 
 async def run_hooks(
-    conn: asyncpg.Connection, hooks: Sequence[EventHook], event: Event, run: RunInfo
+    conn: Connection, hooks: Sequence[EventHook], event: Event, run: RunInfo
 ) -> None:
     for hook in hooks:
         await hook(conn, event, run)

@@ -9,14 +9,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import asyncpg
-
 from bot.engine.events import Event, RunInfo
-from bot.store.db import notify
+from bot.store.db import Connection, notify
 
 
 async def enqueue_notifiers(
-    conn: asyncpg.Connection,
+    conn: Connection,
     notifiers: Sequence[dict[str, Any]],
     event: Event,
     run: RunInfo,

@@ -6,11 +6,13 @@ from typing import Any
 
 import asyncpg
 
+from bot.store.db import Connection
+
 ACTIVE_STATES = ("pending", "running")
 FINAL_STATES = ("succeeded", "failed", "cancelled", "skipped")
 
 
-async def lock_job(conn: asyncpg.Connection, job_id: int) -> asyncpg.Record:
+async def lock_job(conn: Connection, job_id: int) -> asyncpg.Record:
     """Lock a job row; every change inside one job is serialised on this lock."""
     row = await conn.fetchrow("SELECT * FROM jobs WHERE id = $1 FOR UPDATE", job_id)
     if row is None:
@@ -18,7 +20,7 @@ async def lock_job(conn: asyncpg.Connection, job_id: int) -> asyncpg.Record:
     return row
 
 
-async def fetch_run(conn: asyncpg.Connection, run_id: int, *, lock: bool = False) -> asyncpg.Record:
+async def fetch_run(conn: Connection, run_id: int, *, lock: bool = False) -> asyncpg.Record:
     sql = "SELECT * FROM runs WHERE id = $1" + (" FOR UPDATE" if lock else "")
     row = await conn.fetchrow(sql, run_id)
     if row is None:
@@ -26,35 +28,33 @@ async def fetch_run(conn: asyncpg.Connection, run_id: int, *, lock: bool = False
     return row
 
 
-async def fetch_step(conn: asyncpg.Connection, step_id: int) -> asyncpg.Record:
+async def fetch_step(conn: Connection, step_id: int) -> asyncpg.Record:
     row = await conn.fetchrow("SELECT * FROM steps WHERE id = $1", step_id)
     if row is None:
         raise LookupError(f"step {step_id} does not exist")
     return row
 
 
-async def fetch_step_at(
-    conn: asyncpg.Connection, job_id: int, position: int
-) -> asyncpg.Record | None:
+async def fetch_step_at(conn: Connection, job_id: int, position: int) -> asyncpg.Record | None:
     return await conn.fetchrow(
         "SELECT * FROM steps WHERE job_id = $1 AND position = $2", job_id, position
     )
 
 
-async def fetch_task(conn: asyncpg.Connection, task_id: int) -> asyncpg.Record:
+async def fetch_task(conn: Connection, task_id: int) -> asyncpg.Record:
     row = await conn.fetchrow("SELECT * FROM tasks WHERE id = $1", task_id)
     if row is None:
         raise LookupError(f"task {task_id} does not exist")
     return row
 
 
-async def fetch_step_tasks(conn: asyncpg.Connection, step_id: int) -> list[asyncpg.Record]:
+async def fetch_step_tasks(conn: Connection, step_id: int) -> list[asyncpg.Record]:
     return list(
         await conn.fetch("SELECT * FROM tasks WHERE step_id = $1 ORDER BY position", step_id)
     )
 
 
-async def attempt_owner_ids(conn: asyncpg.Connection, attempt_id: int) -> asyncpg.Record | None:
+async def attempt_owner_ids(conn: Connection, attempt_id: int) -> asyncpg.Record | None:
     """Return the task, step, job and run ids of an attempt (no lock)."""
     return await conn.fetchrow(
         "SELECT a.id, a.task_id, t.step_id, s.job_id, t.run_id"
@@ -65,7 +65,7 @@ async def attempt_owner_ids(conn: asyncpg.Connection, attempt_id: int) -> asyncp
 
 
 async def set_state(
-    conn: asyncpg.Connection,
+    conn: Connection,
     table: str,
     row_id: int,
     state: str,

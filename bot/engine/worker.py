@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -20,6 +21,7 @@ from datetime import timedelta
 from typing import Any
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from bot.actions.base import Action, AttemptResult
 from bot.engine.context import (
@@ -94,7 +96,7 @@ class Worker:
         self._cancelled: set[int] = set()
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._listener: asyncpg.Connection | None = None
+        self._listener: PoolConnectionProxy[asyncpg.Record] | None = None
         self._background: set[asyncio.Task[None]] = set()
 
     @property
@@ -161,7 +163,7 @@ class Worker:
             await self.pool.release(self._listener)
             self._listener = None
 
-    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         if payload == "attempts":
             self._wake.set()
         elif payload == "cancel" and self.inflight:
@@ -200,10 +202,10 @@ class Worker:
                 )
             task = asyncio.create_task(self._run_attempt(attempt_id, recovered))
             self.inflight[attempt_id] = task
-            task.add_done_callback(lambda _t, aid=attempt_id: self._finished(aid))
+            task.add_done_callback(functools.partial(self._finished, attempt_id))
         return len(claimed)
 
-    def _finished(self, attempt_id: int) -> None:
+    def _finished(self, attempt_id: int, _task: object = None) -> None:
         self.inflight.pop(attempt_id, None)
         self._cancelled.discard(attempt_id)
         self._wake.set()
@@ -241,7 +243,7 @@ class Worker:
         async with self.pool.acquire() as conn:
             record = await conn.fetchrow(CLAIMED_ATTEMPT_SQL, attempt_id)
         assert record is not None
-        row = AttemptRow(record=record, recovered=recovered)
+        row = AttemptRow(record=dict(record), recovered=recovered)
         action = self.actions.get(row["action"])
         if action is None:
             return AttemptResult.failure(

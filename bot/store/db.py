@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import logging
 from importlib import resources
-from typing import Any
+from typing import Any, TypeAlias
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 log = logging.getLogger(__name__)
+
+# A connection as code receives it: opened directly, or acquired from a pool.
+Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
 
 # Channel on which new work is announced; the payload names the table ("attempts", "outbox").
 WAKE_CHANNEL = "kubeci_wake"
@@ -18,7 +22,7 @@ WAKE_CHANNEL = "kubeci_wake"
 _MIGRATION_LOCK_ID = 0x6B756265
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
+async def _init_connection(conn: Connection) -> None:
     for type_name in ("json", "jsonb"):
         await conn.set_type_codec(
             type_name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
@@ -44,7 +48,7 @@ def _migration_files() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
-async def migrate(conn: asyncpg.Connection) -> list[str]:
+async def migrate(conn: Connection) -> list[str]:
     """Apply the migrations this database lacks, in order; return the names applied.
 
     An advisory lock serialises concurrent starts of several processes.
@@ -70,7 +74,7 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
     return applied_names
 
 
-async def notify(conn: asyncpg.Connection, topic: str) -> None:
+async def notify(conn: Connection, topic: str) -> None:
     """Wake idle workers; delivered when the surrounding transaction commits."""
     await conn.execute("SELECT pg_notify($1, $2)", WAKE_CHANNEL, topic)
 

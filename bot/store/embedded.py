@@ -62,13 +62,23 @@ def _pick_user() -> RunAs | None:
     )
 
 
-def _run(args: list[str], user: RunAs | None, **kwargs: object) -> subprocess.CompletedProcess[str]:
-    extra: dict[str, object] = {}
-    if user is not None:
-        extra = {"user": user.uid, "group": user.gid, "extra_groups": []}
+def _run(args: list[str], user: RunAs | None, timeout: float) -> subprocess.CompletedProcess[str]:
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "LANG": "C"}
-    return subprocess.run(  # noqa: PLW1510 - callers check returncode
-        args, capture_output=True, text=True, env=env, cwd="/", **extra, **kwargs  # type: ignore[call-overload]
+    if user is None:
+        return subprocess.run(
+            args, capture_output=True, text=True, env=env, cwd="/", timeout=timeout, check=False
+        )
+    return subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd="/",
+        timeout=timeout,
+        check=False,
+        user=user.uid,
+        group=user.gid,
+        extra_groups=[],
     )
 
 
@@ -98,7 +108,9 @@ def find_binaries(user: RunAs | None) -> Path:
     tried = []
     for folder in _binary_dirs():
         postgres = folder / "postgres"
-        if not (postgres.exists() and (folder / "initdb").exists() and (folder / "pg_ctl").exists()):
+        if not (
+            postgres.exists() and (folder / "initdb").exists() and (folder / "pg_ctl").exists()
+        ):
             continue
         try:
             result = _run([str(postgres), "--version"], user, timeout=30)
@@ -251,7 +263,9 @@ class EmbeddedPostgres:
             timeout=180,
         )
         if result.returncode != 0:
-            raise EmbeddedPostgresError(f"initdb failed in {self.data_dir}: {result.stderr.strip()}")
+            raise EmbeddedPostgresError(
+                f"initdb failed in {self.data_dir}: {result.stderr.strip()}"
+            )
         log.info("initialised a new Postgres data folder in %s", self.data_dir)
 
     def stop(self) -> None:

@@ -27,7 +27,9 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
-async def receive_callback(request: web.Request, engine: Engine, pool: asyncpg.Pool) -> web.Response:
+async def receive_callback(
+    request: web.Request, engine: Engine, pool: asyncpg.Pool
+) -> web.Response:
     if request.content_length is not None and request.content_length > MAX_CALLBACK_BYTES:
         return _error(413, f"callback body over {MAX_CALLBACK_BYTES} bytes; send a shorter message")
     raw = await request.content.read(MAX_CALLBACK_BYTES + 1)
