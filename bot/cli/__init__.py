@@ -50,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(settings.log_format, settings.log_level)
     if args.command == "run":
-        from bot.cli.run import run_file
+        from bot.cli.run import run_command
 
-        return asyncio.run(run_file(settings, args.file, args.label, args.job, args.timeout_s))
+        return run_command(settings, args.file, args.label, args.job, args.timeout_s)
     if args.command == "serve":
         from bot.cli.serve import serve
 

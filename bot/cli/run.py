@@ -18,6 +18,7 @@ from typing import Any, TextIO
 
 import asyncpg
 from pipelines_schema.loader import PipelineError, load_pipeline
+from pipelines_schema.models import Pipeline
 
 from bot.app import Services, build_services, close_services, create_app, serving, with_bound_port
 from bot.config import Settings
@@ -174,39 +175,59 @@ async def _settled(pool: asyncpg.Pool, run_id: int) -> bool:
         )
 
 
-async def run_file(
-    settings: Settings,
-    path: str,
-    label_items: list[str],
-    jobs: list[str],
-    timeout_s: float,
-    out: TextIO = sys.stdout,
-) -> int:
-    """Run the pipeline in `path` once; return 0 when it succeeds and 1 otherwise."""
+def prepare_run(
+    path: str, label_items: list[str], jobs: list[str]
+) -> tuple[Pipeline, dict[str, Any]]:
+    """Load the pipeline file and build the run's labels (raises RunSetupError)."""
     try:
-        text = await asyncio.to_thread(Path(path).read_text, encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8")
         pipeline = load_pipeline(text, filename=path)
         labels: dict[str, Any] = {
             "forge": "manual",
             "event": "manual",
             "trigger": "manual",
-            **git_labels(Path(os.path.abspath(path)).parent),
+            **git_labels(Path(path).resolve().parent),
             **parse_labels(label_items),
         }
     except PipelineError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        return 1
+        raise RunSetupError("\n".join(str(problem) for problem in exc.problems), 1) from None
     except (OSError, UnicodeDecodeError, LabelError) as exc:
-        print(f"kubeci run: {exc}", file=sys.stderr)
-        return 2
+        raise RunSetupError(f"kubeci run: {exc}", 2) from None
     unknown = [name for name in jobs if name not in {job.name for job in pipeline.jobs}]
     if unknown:
-        print(f"kubeci run: no job named {', '.join(unknown)} in {path}", file=sys.stderr)
-        return 2
+        raise RunSetupError(f"kubeci run: no job named {', '.join(unknown)} in {path}", 2)
+    return pipeline, labels
+
+
+class RunSetupError(Exception):
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def run_command(
+    settings: Settings, path: str, label_items: list[str], jobs: list[str], timeout_s: float
+) -> int:
+    """`kubeci run`: return 0 when the run succeeds, 1 when it fails, 2 on bad usage."""
+    try:
+        pipeline, labels = prepare_run(path, label_items, jobs)
+    except RunSetupError as exc:
+        print(exc, file=sys.stderr)
+        return exc.exit_code
     # Without a fixed port, a free one is picked so two runs never collide.
     if not settings.public_url and "KUBECI_PORT" not in os.environ:
         settings = dataclasses.replace(settings, port=0)
+    return asyncio.run(run_pipeline(settings, pipeline, labels, jobs, timeout_s))
+
+
+async def run_pipeline(
+    settings: Settings,
+    pipeline: Pipeline,
+    labels: dict[str, Any],
+    jobs: list[str],
+    timeout_s: float,
+    out: TextIO = sys.stdout,
+) -> int:
     services = await build_services(settings)
     try:
         return await _run_with_services(services, pipeline, labels, jobs, timeout_s, out)
@@ -216,7 +237,7 @@ async def run_file(
 
 async def _run_with_services(
     services: Services,
-    pipeline: Any,
+    pipeline: Pipeline,
     labels: dict[str, Any],
     jobs: list[str],
     timeout_s: float,
