@@ -23,13 +23,16 @@ import pytest
 from bot.store.db import create_pool, migrate
 from bot.store.embedded import EmbeddedPostgres
 
-LOCAL_SERVER_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+# KUBECI_TEST_LOCAL_DSN points the probe elsewhere (a closed port forces a throwaway server).
+LOCAL_SERVER_DSN = os.environ.get(
+    "KUBECI_TEST_LOCAL_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 
 
 async def _reachable(dsn: str) -> bool:
     try:
         conn = await asyncpg.connect(dsn, timeout=3)
-    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError):
+    except (TimeoutError, OSError, asyncpg.PostgresError):
         return False
     await conn.close()
     return True
