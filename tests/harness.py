@@ -1,0 +1,152 @@
+"""A running KubeCI core for tests: engine, worker, outbox sender and the HTTP app,
+on the test's database, with the real actions and sinks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from bot.actions.base import Action
+from bot.app import Services, build_actions, create_app, serving, with_bound_port
+from bot.config import Settings
+from bot.engine.core import Engine, RunRequest
+from bot.engine.events import EventHook
+from bot.engine.worker import Worker
+from bot.net.secrets import SecretStore
+from bot.net.sinks import Sink
+from bot.notifiers import notifier_sinks
+from bot.outbox.sender import OutboxSender, RetryPolicy
+from pipelines_schema.loader import load_pipeline
+
+FAST_RETRY = RetryPolicy(max_attempts=4, initial_s=0.05, factor=2.0, max_s=0.2)
+
+
+@dataclass
+class Harness:
+    services: Services
+    routes: list[Any] = field(default_factory=list)
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self.services.pool
+
+    @property
+    def engine(self) -> Engine:
+        return self.services.engine
+
+    async def start_run(
+        self, pipeline_yaml: str, labels: Mapping[str, Any] | None = None, **request: Any
+    ) -> int:
+        pipeline = load_pipeline(pipeline_yaml)
+        async with self.pool.acquire() as conn, conn.transaction():
+            return await self.engine.create_run(
+                conn, RunRequest(pipeline=pipeline, labels=dict(labels or {}), **request)
+            )
+
+    async def wait_run(self, run_id: int, timeout_s: float = 15.0) -> str:
+        """Wait until the run ended and none of its attempts is active; return its state."""
+        async with asyncio.timeout(timeout_s):
+            while True:
+                settled = await self.pool.fetchval(
+                    "SELECT (SELECT state FROM runs WHERE id = $1) <> 'running'"
+                    " AND NOT EXISTS (SELECT 1 FROM attempts a JOIN tasks t ON t.id = a.task_id"
+                    "   WHERE t.run_id = $1 AND a.state IN ('queued', 'running', 'waiting'))",
+                    run_id,
+                )
+                if settled:
+                    return str(await self.pool.fetchval("SELECT state FROM runs WHERE id = $1", run_id))
+                await asyncio.sleep(0.05)
+
+    async def wait_outbox(self, timeout_s: float = 10.0) -> None:
+        async with asyncio.timeout(timeout_s):
+            while await self.pool.fetchval("SELECT count(*) FROM outbox WHERE state = 'pending'"):
+                await asyncio.sleep(0.05)
+
+    async def events(self, run_id: int) -> list[tuple[str, str, str]]:
+        """(scope, event name, name of the job, step or task) in commit order."""
+        rows = await self.pool.fetch(
+            "SELECT e.scope, e.name, coalesce(t.name, s.name, j.name, 'run') AS what"
+            " FROM events e LEFT JOIN jobs j ON j.id = e.job_id"
+            " LEFT JOIN steps s ON s.id = e.step_id LEFT JOIN tasks t ON t.id = e.task_id"
+            " WHERE e.run_id = $1 ORDER BY e.id",
+            run_id,
+        )
+        return [(row["scope"], row["name"], row["what"]) for row in rows]
+
+    async def state(self, table: str, run_id: int, name: str) -> asyncpg.Record:
+        """The row of the job, step or task called `name` in the run."""
+        queries = {
+            "jobs": "SELECT * FROM jobs WHERE run_id = $1 AND name = $2",
+            "steps": "SELECT s.* FROM steps s JOIN jobs j ON j.id = s.job_id"
+            " WHERE j.run_id = $1 AND s.name = $2",
+            "tasks": "SELECT * FROM tasks WHERE run_id = $1 AND name = $2",
+        }
+        row = await self.pool.fetchrow(queries[table], run_id, name)
+        assert row is not None, f"no {table} row named {name} in run {run_id}"
+        return row
+
+    async def attempts(self, run_id: int, task: str) -> list[asyncpg.Record]:
+        return list(
+            await self.pool.fetch(
+                "SELECT a.* FROM attempts a JOIN tasks t ON t.id = a.task_id"
+                " WHERE t.run_id = $1 AND t.name = $2 ORDER BY a.number",
+                run_id,
+                task,
+            )
+        )
+
+
+def test_settings(database_dsn: str = "", **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "database_url": database_dsn or None,
+        "lease_s": 3.0,
+        "poll_interval_s": 0.1,
+        "host": "127.0.0.1",
+        "port": 0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@contextlib.asynccontextmanager
+async def running_core(
+    pool: asyncpg.Pool,
+    settings: Settings,
+    *,
+    actions: Mapping[str, Action] | None = None,
+    hooks: list[EventHook] | None = None,
+    sinks: Mapping[str, Sink] | None = None,
+    routes: list[Any] | None = None,
+    start_worker: bool = True,
+) -> AsyncIterator[Harness]:
+    """Serve the app on a free port and run a worker and an outbox sender against `pool`."""
+    secrets = SecretStore.from_settings(settings)
+    engine = Engine(settings, hooks=hooks or [])
+    worker = Worker(
+        pool,
+        engine,
+        actions if actions is not None else build_actions(settings),
+        secrets,
+        concurrency=settings.worker_concurrency,
+        lease_s=settings.lease_s,
+        poll_interval_s=settings.poll_interval_s,
+    )
+    all_sinks = {**notifier_sinks(settings, secrets=secrets), **(sinks or {})}
+    sender = OutboxSender(
+        pool, all_sinks, worker.worker_id, retry=FAST_RETRY, poll_interval_s=0.1, mask=secrets.mask
+    )
+    services = Services(settings, pool, engine, worker, sender, secrets)
+    app = create_app(services, routes=routes or [])
+    async with serving(app, settings.host, 0) as port:
+        engine.settings = with_bound_port(settings, port)
+        if start_worker:
+            await services.start_background()
+        try:
+            yield Harness(services)
+        finally:
+            await services.stop_background(grace_s=1.0)
