@@ -283,16 +283,20 @@ def _check_kubernetes_job(arguments: dict[str, Any], path: DocPath) -> list[Issu
     inline = list(definitions["kubernetes_job_inline_arguments"]["properties"])
     with_manifest = list(definitions["kubernetes_job_manifest_arguments"]["properties"])
     has_manifest = "manifest" in arguments
-    definition = (
-        "kubernetes_job_manifest_arguments" if has_manifest else ("kubernetes_job_inline_arguments")
-    )
+    if has_manifest:
+        definition = "kubernetes_job_manifest_arguments"
+    else:
+        definition = "kubernetes_job_inline_arguments"
+    # Keys are checked below, against both forms at once.
     issues = schema_issues(
-        arguments,
-        definition,
-        path,
-        ignore=frozenset({"additionalProperties"}),
-        noun="kubernetes_job arguments",
+        arguments, definition, path, ignore=frozenset({"additionalProperties", "required"})
     )
+    if not has_manifest and "image" not in arguments:
+        message = (
+            "missing required key 'image' in kubernetes_job arguments; give the image of "
+            "an inline container, or a full Job in 'manifest'"
+        )
+        issues.append(Issue(path, message))
     allowed = sorted(set(inline) | set(with_manifest))
     for key in arguments:
         if has_manifest and key in inline and key not in with_manifest:

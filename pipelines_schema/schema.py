@@ -68,7 +68,8 @@ class _Options:
     base: DocPath
     # Paths whose errors other checks report themselves.
     skip: Callable[[DocPath], bool]
-    # Validator keywords (such as "anyOf") whose errors other checks replace.
+    # Validator keywords (such as "anyOf") whose errors about the value at `base` itself
+    # other checks replace.
     ignore: frozenset[str]
     # Noun for the validated value, used in messages about its own keys.
     noun: str | None
@@ -97,7 +98,8 @@ def schema_issues(
 def _issues_of(error: ValidationError, options: _Options) -> Iterator[Issue]:
     path: DocPath = (*options.base, *error.absolute_path)
     validator = str(error.validator)
-    if error.instance is INVALID or options.skip(path) or validator in options.ignore:
+    ignored = validator in options.ignore and path == options.base
+    if error.instance is INVALID or options.skip(path) or ignored:
         return  # reported elsewhere
     noun = options.noun if path == options.base and options.noun else noun_of(path)
     if "propertyNames" in error.relative_schema_path:

@@ -762,6 +762,18 @@ POSITION_CASES = [
         "apiVersion must be \"batch/v1\", got string 'apps/v1'",
     ),
     (
+        "kubernetes_job manifest without spec",
+        _variant(
+            'action: webhook\n            arguments: {url: "https://ci.example.com/run"}',
+            "action: kubernetes_job\n            arguments: {manifest: "
+            "{apiVersion: batch/v1, kind: Job}}",
+        ),
+        8,
+        35,
+        "jobs[0].steps[0].tasks[0].arguments.manifest",
+        "missing required key 'spec' in 'manifest'",
+    ),
+    (
         "kubernetes_job command not a list",
         _variant(
             'action: webhook\n            arguments: {url: "https://ci.example.com/run"}',
@@ -1061,6 +1073,14 @@ def test_schema_rejects_rule_with_two_tests() -> None:
         _variant("steps:\n", "rules: {label: a, exact: b, regex: c}\n    steps:\n")
     )
     assert not validator.is_valid(document)
+
+
+def test_schema_rejects_task_event_on_job() -> None:
+    validator = Draft202012Validator(load_schema())
+    notifier = "notifiers: [{name: n, type: slack, url: 'https://s.example.com', events: [%s]}]"
+    for event, valid in (("failed", True), ("attempt_failed", False)):
+        text = _variant("steps:\n", notifier % event + "\n    steps:\n")
+        assert validator.is_valid(yaml.safe_load(text)) is valid, event
 
 
 def test_schema_events_match_models() -> None:
