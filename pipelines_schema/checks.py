@@ -1,4 +1,4 @@
-"""Checks of a pipeline document that the JSON Schema cannot express or words poorly.
+"""Checks that the JSON Schema cannot express, or whose schema errors would read poorly.
 
 The schema pass reports everything outside four subtrees of each job, step and task:
 `rules`, `notifiers`, `event_handlers` and `arguments`. These checks report those
