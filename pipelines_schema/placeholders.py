@@ -1,54 +1,124 @@
-"""`${name}` placeholders in pipeline values.
+"""`${name}` placeholders in task arguments and notifiers.
 
-`$${` writes a literal `${`. Names are letters, digits, `_`, `.` and `-`
-(`${sha}`, `${pr.number}`, `${secrets.TOKEN}`).
+A placeholder is `${` followed by a name and `}`. `$${` stands for a literal `${`, so
+`$${sha}` renders as the text `${sha}`. A `${` with no closing `}` is left as written
+(the loader reports it). Placeholders are found in strings inside lists and mapping
+values, never in mapping keys.
+
+Known names: the run labels (`LABEL_NAMES`), `labels.NAME` for a custom label added by
+a manual run, `run.id`, `run.url`, `callback_url` and `secrets.NAME`.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-# `$${` first, so that an escaped `${` is never read as a placeholder.
-_TOKEN = re.compile(r"\$\$\{|\$\{([A-Za-z0-9_.\-]+)\}")
+LABEL_NAMES: tuple[str, ...] = (
+    "forge",
+    "event",
+    "trigger",
+    "repository",
+    "sha",
+    "ref",
+    "branch",
+    "tag",
+    "pr.number",
+    "pr.source_branch",
+    "pr.target_branch",
+    "pr.labels",
+    "author",
+    "fork",
+    "comment.author",
+)
+RUN_NAMES: tuple[str, ...] = ("run.id", "run.url", "callback_url")
+CALLBACK_URL = "callback_url"
+
+SECRET_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_CUSTOM_LABEL = re.compile(r"labels\.\S+")
+_OPENING = re.compile(r"\$\$\{|\$\{")
+_KNOWN = frozenset(LABEL_NAMES + RUN_NAMES)
 
 
 class MissingValue(LookupError):
-    """A placeholder names a value that is not available."""
+    """Raised by a resolver for a placeholder that has no value in this run."""
 
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
+    def __init__(self, name: str, message: str | None = None) -> None:
         self.name = name
+        super().__init__(message or f"the run has no value for ${{{name}}}")
+
+
+def _pieces(text: str) -> Iterator[tuple[str, str]]:
+    """Split text into ("text", text), ("name", name) and ("unclosed", tail) pieces.
+
+    Escapes are applied: `$${` comes out as the text `${`.
+    """
+    position = 0
+    while True:
+        opening = _OPENING.search(text, position)
+        if opening is None:
+            yield "text", text[position:]
+            return
+        yield "text", text[position : opening.start()]
+        if opening.group() == "$${":
+            yield "text", "${"
+            position = opening.end()
+            continue
+        closing = text.find("}", opening.end())
+        if closing < 0:
+            yield "unclosed", text[opening.start() :]
+            return
+        yield "name", text[opening.end() : closing]
+        position = closing + 1
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _strings(item)
 
 
 def find_placeholders(value: Any) -> set[str]:
-    """Return the placeholder names used anywhere in a string, list or mapping."""
-    if isinstance(value, str):
-        return {match.group(1) for match in _TOKEN.finditer(value) if match.group(1)}
-    if isinstance(value, dict):
-        found: set[str] = set()
-        for item in value.values():
-            found |= find_placeholders(item)
-        return found
-    if isinstance(value, list | tuple):
-        found = set()
-        for item in value:
-            found |= find_placeholders(item)
-        return found
-    return set()
+    """Return the names of every placeholder in the strings inside `value`."""
+    return {piece for text in _strings(value) for kind, piece in _pieces(text) if kind == "name"}
+
+
+def find_unterminated(value: Any) -> list[str]:
+    """Return the tails of strings in `value` that open a placeholder and never close it."""
+    return [
+        piece for text in _strings(value) for kind, piece in _pieces(text) if kind == "unclosed"
+    ]
 
 
 def render(value: Any, resolve: Callable[[str], str]) -> Any:
-    """Replace every placeholder in the strings of `value` with `resolve(name)`.
+    """Return a deep copy of `value` with each placeholder replaced by `resolve(name)`.
 
-    Mappings and lists are copied with their strings rendered; other values are
-    returned unchanged. `resolve` raises `MissingValue` for a name it cannot fill.
+    Strings are rendered inside lists, tuples and mapping values; keys and other values
+    are copied as they are. Whatever `resolve` raises, `MissingValue` included,
+    propagates.
     """
     if isinstance(value, str):
-        return _TOKEN.sub(lambda match: resolve(match.group(1)) if match.group(1) else "${", value)
+        pieces = _pieces(value)
+        return "".join(str(resolve(piece)) if kind == "name" else piece for kind, piece in pieces)
     if isinstance(value, dict):
         return {key: render(item, resolve) for key, item in value.items()}
-    if isinstance(value, list | tuple):
+    if isinstance(value, list):
         return [render(item, resolve) for item in value]
+    if isinstance(value, tuple):
+        return tuple(render(item, resolve) for item in value)
     return value
+
+
+def is_known_placeholder(name: str) -> bool:
+    """Tell whether `name` may appear as `${name}` in a pipeline file."""
+    if name in _KNOWN:
+        return True
+    if name.startswith("secrets."):
+        return SECRET_NAME.fullmatch(name.removeprefix("secrets.")) is not None
+    return _CUSTOM_LABEL.fullmatch(name) is not None
