@@ -14,14 +14,16 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from bot.actions.registry import build_actions
+from bot.actions.base import Action
+from bot.actions.webhook import WebhookAction
 from bot.config import Settings
 from bot.engine.core import Engine
 from bot.engine.events import EventHook
 from bot.engine.worker import Worker
 from bot.net.secrets import SecretStore
-from bot.notifiers import build_notifier_sinks
-from bot.outbox.sender import OutboxSender, Sink
+from bot.net.sinks import Sink
+from bot.notifiers import notifier_sinks
+from bot.outbox.sender import OutboxSender
 from bot.store.db import create_pool, migrate
 from bot.store.embedded import EmbeddedPostgres
 from bot.web import callbacks, health
@@ -77,6 +79,10 @@ async def open_database(settings: Settings) -> tuple[asyncpg.Pool, EmbeddedPostg
     return pool, embedded
 
 
+def build_actions(settings: Settings) -> dict[str, Action]:
+    return {"webhook": WebhookAction(settings)}
+
+
 async def build_services(
     settings: Settings,
     *,
@@ -96,8 +102,8 @@ async def build_services(
         lease_s=settings.lease_s,
         poll_interval_s=settings.poll_interval_s,
     )
-    sinks: dict[str, Sink] = {**build_notifier_sinks(settings, secrets), **(extra_sinks or {})}
-    sender = OutboxSender(pool, sinks, worker_id=worker.worker_id)
+    sinks: dict[str, Sink] = {**notifier_sinks(settings, secrets=secrets), **(extra_sinks or {})}
+    sender = OutboxSender(pool, sinks, worker.worker_id, mask=secrets.mask)
     return Services(settings, pool, engine, worker, sender, secrets, embedded)
 
 

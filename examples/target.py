@@ -105,7 +105,14 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8099)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    web.run_app(make_app(), host="127.0.0.1", port=args.port, print=None, access_log=None)
+    web.run_app(
+        make_app(),
+        host="127.0.0.1",
+        port=args.port,
+        print=None,
+        access_log=None,
+        shutdown_timeout=1.0,
+    )
 
 
 if __name__ == "__main__":

@@ -223,7 +223,7 @@ def _check_notifier(notifier: Any, path: DocPath, level: str) -> list[Issue]:
     issues = schema_issues(notifier, f"{kind}_notifier", path, noun=f"{kind} notifier")
     issues.extend(_check_notifier_events(notifier.get("events"), (*path, "events"), level))
     templates = {key: notifier[key] for key in NOTIFIER_TEMPLATES if key in notifier}
-    issues.extend(_check_placeholders(templates, path, callback_allowed=False))
+    issues.extend(_check_placeholders(templates, path, callback_allowed=False, in_notifier=True))
     return issues
 
 
@@ -325,12 +325,25 @@ def _strings(value: Any, path: DocPath) -> Iterator[tuple[str, DocPath]]:
             yield from _strings(item, (*path, index))
 
 
+# Notifier templates may also name the event they report, e.g. ${event.name}.
+EVENT_FIELDS = frozenset(
+    ("scope", "name", "run_id", "job", "step", "task", "state", "message", "attempt", "at")
+)
+
+
 def _check_placeholders(
-    value: Any, path: DocPath, callback_allowed: bool, callback_hint: str = ""
+    value: Any,
+    path: DocPath,
+    callback_allowed: bool,
+    callback_hint: str = "",
+    in_notifier: bool = False,
 ) -> list[Issue]:
     issues = []
     for text, text_path in _strings(value, path):
         for name in sorted(find_placeholders(text)):
+            event_field = name.removeprefix("event.")
+            if in_notifier and name.startswith("event.") and event_field in EVENT_FIELDS:
+                continue
             message = _placeholder_message(name, callback_allowed)
             if message:
                 issues.append(

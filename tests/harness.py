@@ -59,7 +59,9 @@ class Harness:
                     run_id,
                 )
                 if settled:
-                    return str(await self.pool.fetchval("SELECT state FROM runs WHERE id = $1", run_id))
+                    return str(
+                        await self.pool.fetchval("SELECT state FROM runs WHERE id = $1", run_id)
+                    )
                 await asyncio.sleep(0.05)
 
     async def wait_outbox(self, timeout_s: float = 10.0) -> None:
@@ -101,7 +103,7 @@ class Harness:
         )
 
 
-def test_settings(database_dsn: str = "", **overrides: Any) -> Settings:
+def fast_settings(database_dsn: str = "", **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "database_url": database_dsn or None,
         "lease_s": 3.0,

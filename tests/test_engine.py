@@ -10,14 +10,14 @@ import asyncpg
 import pytest
 
 from tests.fakes.target import Callback, FakeTarget, Reply
-from tests.harness import Harness, running_core, test_settings
+from tests.harness import Harness, fast_settings, running_core
 
 pytest_plugins = ["tests.fakes.fixtures_outbound"]
 
 
 @pytest.fixture
 async def core(db: asyncpg.Pool, database_dsn: str) -> AsyncIterator[Harness]:
-    async with running_core(db, test_settings(database_dsn)) as harness:
+    async with running_core(db, fast_settings(database_dsn)) as harness:
         yield harness
 
 
@@ -100,7 +100,9 @@ async def test_failed_task_fails_step_and_skips_rest(
 
 async def test_allow_failure_keeps_step_green(core: Harness, fake_target: FakeTarget) -> None:
     fake_target.script("/bad", Reply(status=500))
-    text = pipeline(("first", task("bad", "/bad", "            allow_failure: true") + task("a", "/a")))
+    text = pipeline(
+        ("first", task("bad", "/bad", "            allow_failure: true") + task("a", "/a"))
+    )
     run_id = await core.start_run(text, labels(fake_target))
     assert await core.wait_run(run_id) == "succeeded"
     assert (await core.state("tasks", run_id, "bad"))["state"] == "failed"
@@ -140,7 +142,9 @@ async def test_set_job_success_on_step_failure(core: Harness, fake_target: FakeT
     text = (
         "jobs:\n  - name: build\n    steps:\n"
         "      - name: first\n        event_handlers: {failed: set_job_success}\n"
-        "        tasks:\n" + task("bad", "/bad") + "      - name: second\n        tasks:\n"
+        "        tasks:\n"
+        + task("bad", "/bad")
+        + "      - name: second\n        tasks:\n"
         + task("c", "/c")
     )
     run_id = await core.start_run(text, labels(fake_target))
@@ -156,7 +160,9 @@ async def test_set_job_failure_on_step_success(core: Harness, fake_target: FakeT
     text = (
         "jobs:\n  - name: build\n    steps:\n"
         "      - name: first\n        event_handlers: {succeeded: set_job_failure}\n"
-        "        tasks:\n" + task("a", "/a") + "      - name: second\n        tasks:\n"
+        "        tasks:\n"
+        + task("a", "/a")
+        + "      - name: second\n        tasks:\n"
         + task("c", "/c")
     )
     run_id = await core.start_run(text, labels(fake_target))
@@ -168,7 +174,10 @@ async def test_set_job_failure_on_step_success(core: Harness, fake_target: FakeT
 async def test_first_decision_wins(core: Harness, fake_target: FakeTarget) -> None:
     fake_target.script("/late", Reply(delay_s=0.4))
     early = "            event_handlers: {succeeded: set_step_failure}"
-    late = "            event_handlers: {succeeded: set_step_success}\n            interruptible: false"
+    late = (
+        "            event_handlers: {succeeded: set_step_success}\n"
+        "            interruptible: false"
+    )
     text = pipeline(("first", task("early", "/early", early) + task("late", "/late", late)))
     run_id = await core.start_run(text, labels(fake_target))
     assert await core.wait_run(run_id) == "failed"
@@ -207,7 +216,8 @@ async def test_rules_skip_without_events(core: Harness, fake_target: FakeTarget)
         + task("a", "/a")
         + task("tag-only", "/t", "            rules: {label: tag, exists: true}")
         + "      - name: release\n        rules: {label: branch, regex: 'release/.+'}\n"
-        "        tasks:\n" + task("r", "/r")
+        "        tasks:\n"
+        + task("r", "/r")
         + "  - name: docs\n    rules: {label: branch, exact: main, invert: true}\n"
         "    steps:\n      - name: d\n        tasks:\n" + task("d", "/d")
     )

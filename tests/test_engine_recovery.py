@@ -13,7 +13,7 @@ import pytest
 from bot.actions.webhook import WebhookAction
 from bot.net.http import make_session
 from tests.fakes.target import FakeTarget, Reply, StubResolver, guard_tripwire
-from tests.harness import running_core, test_settings
+from tests.harness import fast_settings, running_core
 
 pytest_plugins = ["tests.fakes.fixtures_outbound"]
 
@@ -43,11 +43,14 @@ async def test_killed_worker_attempt_is_recovered(
     db: asyncpg.Pool, database_dsn: str, fake_target: FakeTarget
 ) -> None:
     fake_target.script("/slow", Reply(delay_s=2.0))
-    settings = test_settings(database_dsn, lease_s=1.5)
+    settings = fast_settings(database_dsn, lease_s=1.5)
     async with running_core(db, settings, start_worker=False) as core:
         run_id = await core.start_run(SLOW_TASK, {"target": fake_target.base_url})
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.worker_process", database_dsn,
+            sys.executable,
+            "-m",
+            "tests.worker_process",
+            database_dsn,
             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
         )
         try:
@@ -94,7 +97,7 @@ async def test_secret_filled_and_masked(
 ) -> None:
     token = "s3cr3t-token-value"
     fake_target.script("/deploy", Reply(status=500, body=f"bad token {token}"))
-    settings = test_settings(database_dsn, secrets={"DEPLOY_TOKEN": token})
+    settings = fast_settings(database_dsn, secrets={"DEPLOY_TOKEN": token})
     async with running_core(db, settings) as core:
         run_id = await core.start_run(SECRET_TASK, {"target": fake_target.base_url})
         assert await core.wait_run(run_id) == "failed"
@@ -117,11 +120,9 @@ async def test_secret_filled_and_masked(
 async def test_untrusted_run_gets_no_secret(
     db: asyncpg.Pool, database_dsn: str, fake_target: FakeTarget
 ) -> None:
-    settings = test_settings(database_dsn, secrets={"DEPLOY_TOKEN": "x" * 20})
+    settings = fast_settings(database_dsn, secrets={"DEPLOY_TOKEN": "x" * 20})
     async with running_core(db, settings) as core:
-        run_id = await core.start_run(
-            SECRET_TASK, {"target": fake_target.base_url}, trusted=False
-        )
+        run_id = await core.start_run(SECRET_TASK, {"target": fake_target.base_url}, trusted=False)
         assert await core.wait_run(run_id) == "failed"
         message = (await core.state("tasks", run_id, "deploy"))["message"]
     assert "untrusted" in message
@@ -132,7 +133,7 @@ async def test_metadata_address_refused(db: asyncpg.Pool, database_dsn: str) -> 
     # The host resolves, through a stub, to the cloud metadata address; the guard must
     # refuse it before any connection (the tripwire fails the test if one starts).
     stub = StubResolver({"metadata.test": ["169.254.169.254"]})
-    settings = test_settings(database_dsn)
+    settings = fast_settings(database_dsn)
     action = WebhookAction(
         settings,
         session_factory=lambda: make_session(

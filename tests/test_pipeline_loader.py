@@ -1106,3 +1106,25 @@ def test_schema_handlers_match_models() -> None:
 def test_schema_actions_match_models() -> None:
     task = load_schema()["$defs"]["task"]
     assert task["properties"]["action"]["enum"] == list(models.ACTIONS)
+
+
+def test_notifier_event_placeholders_accepted() -> None:
+    text = (
+        "jobs:\n  - name: a\n    notifiers:\n"
+        "      - {name: n, type: slack, url: 'https://hooks.example.com/x',"
+        " text: '${event.job} ${event.name}', events: [failed]}\n"
+        "    steps:\n      - name: s\n        tasks:\n"
+        "          - {name: t, action: webhook, arguments: {url: 'https://x.example.com'}}\n"
+    )
+    assert validate_text(text) == []
+
+
+def test_event_placeholder_rejected_in_arguments() -> None:
+    text = (
+        "jobs:\n  - name: a\n    steps:\n      - name: s\n        tasks:\n"
+        "          - {name: t, action: webhook,"
+        " arguments: {url: 'https://x.example.com/${event.name}'}}\n"
+    )
+    problems = validate_text(text)
+    assert len(problems) == 1
+    assert "event.name" in problems[0].message

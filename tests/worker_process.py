@@ -11,11 +11,11 @@ from bot.engine.core import Engine
 from bot.engine.worker import Worker
 from bot.net.secrets import SecretStore
 from bot.store.db import create_pool
-from tests.harness import test_settings
+from tests.harness import fast_settings
 
 
 async def main(dsn: str) -> None:
-    settings = test_settings(dsn, lease_s=1.5)
+    settings = fast_settings(dsn, lease_s=1.5)
     pool = await create_pool(dsn)
     worker = Worker(
         pool,

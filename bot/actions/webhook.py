@@ -216,7 +216,7 @@ class WebhookAction:
             ctx.mask(response.body.decode("utf-8", "replace")), EXCERPT_MAX_BYTES
         )
         details: dict[str, Any] = {"response_status": status, "response_excerpt": body_excerpt}
-        await ctx.append_log("response", f"{target} -> HTTP {status} in {response.elapsed_ms} ms")
+        await ctx.append_log("response", f"{target} -> HTTP {status} in {response.elapsed_ms} ms\n")
         if request.is_success(status):
             if request.mode == "async":
                 return AttemptResult.park(f"HTTP {status}; waiting for the callback", **details)
@@ -236,7 +236,7 @@ class WebhookAction:
         self, ctx: AttemptContext, target: str, reason: str, *, retryable: bool
     ) -> AttemptResult:
         message = ctx.mask(f"{target}: {reason}")
-        await ctx.append_log("response", message)
+        await ctx.append_log("response", message + "\n")
         log.info(
             "webhook attempt failed: %s",
             message,

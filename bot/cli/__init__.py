@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 from bot.config import ConfigError, Settings
@@ -48,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"kubeci: {exc}", file=sys.stderr)
         return 2
-    setup_logging(settings.log_format, settings.log_level)
+    level = settings.log_level
+    if args.command == "run" and "KUBECI_LOG_LEVEL" not in os.environ:
+        level = "WARNING"  # keep the progress lines readable; KUBECI_LOG_LEVEL overrides
+    setup_logging(settings.log_format, level)
     if args.command == "run":
         from bot.cli.run import run_command
 

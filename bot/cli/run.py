@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import asyncpg
-from pipelines_schema.loader import PipelineError, load_pipeline
-from pipelines_schema.models import Pipeline
 
 from bot.app import Services, build_services, close_services, create_app, serving, with_bound_port
 from bot.config import Settings
 from bot.engine.core import RunRequest
 from bot.store.db import Connection
+from pipelines_schema.loader import PipelineError, load_pipeline
+from pipelines_schema.models import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class ProgressPrinter:
 
     async def _print_event(self, conn: Connection, event: asyncpg.Record) -> None:
         scope, name, payload = event["scope"], event["name"], event["payload"]
-        if name == "complete" and scope != "run":
+        if name == "complete" and scope != "run" and payload.get("state") != "cancelled":
             return  # the failed/succeeded event already said it
         what = {
             "job": f"job {event['job']}",
@@ -112,8 +112,8 @@ class ProgressPrinter:
             line += f" in {event['duration_s']:.1f} s"
         if name == "attempt_failed":
             line = f"{_clock()} {what} attempt {payload.get('attempt')} failed"
-        if name == "complete" and scope == "run":
-            line = f"{_clock()} run {payload.get('state')}"
+        if name == "complete":
+            line = f"{_clock()} {what} {payload.get('state')}"
         if payload.get("message"):
             line += f": {payload['message']}"
         print(line, file=self.out, flush=True)

@@ -12,6 +12,7 @@ import asyncpg
 
 from bot.actions.base import AttemptContext
 from bot.engine.callbacks import issue_token
+from bot.net.secrets import SecretNotFound
 from pipelines_schema.placeholders import MissingValue, render
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ CALLBACK_GRACE_S = 60.0
 
 
 class SecretSource(Protocol):
-    def get(self, name: str) -> str | None: ...
+    def get(self, name: str) -> str: ...  # raises SecretNotFound
 
     def mask(self, text: str) -> str: ...
 
@@ -95,13 +96,10 @@ def _secret(name: str, row: AttemptRow, secrets: SecretSource) -> str:
             f"${{secrets.{name}}} is not available: runs of untrusted pull requests get no "
             "secrets until a maintainer comments /ok-to-test and the run is trusted"
         )
-    value = secrets.get(name)
-    if value is None:
-        raise PlaceholderError(
-            f"secret {name!r} is not configured; set KUBECI_SECRET_{name} or add a file "
-            f"named {name} to the secrets directory"
-        )
-    return value
+    try:
+        return secrets.get(name)
+    except SecretNotFound as exc:
+        raise PlaceholderError(str(exc)) from None
 
 
 def render_arguments(

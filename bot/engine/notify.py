@@ -10,7 +10,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from bot.engine.events import Event, RunInfo
-from bot.store.db import Connection, notify
+from bot.notifiers import notifier_rows
+from bot.notifiers.rows import NotifierEvent
+from bot.outbox.sender import enqueue_rows
+from bot.store.db import Connection
+from pipelines_schema.models import Notifier
+
+
+def _notifier(data: dict[str, Any]) -> Notifier:
+    return Notifier(**{**data, "events": tuple(data.get("events", ()))})
 
 
 async def enqueue_notifiers(
@@ -20,27 +28,26 @@ async def enqueue_notifiers(
     run: RunInfo,
 ) -> int:
     """Insert one outbox row per notifier subscribed to `event`; return how many."""
-    count = 0
-    for notifier in notifiers:
-        if event.name not in notifier.get("events", ()):
-            continue
-        payload = {
-            "notifier": notifier,
-            "event": event.as_payload(),
-            "labels": run.labels,
-            "run": {"id": run.id, "url": run.url},
-            "trusted": run.trusted,
-        }
-        await conn.execute(
-            "INSERT INTO outbox (kind, ordering_key, sink_key, payload, run_id)"
-            " VALUES ($1, $2, $3, $4, $5)",
-            f"notifier.{notifier['type']}",
-            f"notifier:{run.id}:{notifier['name']}",
-            f"notifier:{run.id}:{event.id}:{notifier['name']}",
-            payload,
-            run.id,
-        )
-        count += 1
-    if count:
-        await notify(conn, "outbox")
-    return count
+    if event.scope == "run" or not any(event.name in n.get("events", ()) for n in notifiers):
+        return 0
+    payload: NotifierEvent = {
+        "id": event.id,
+        "scope": event.scope,  # type: ignore[typeddict-item]
+        "name": event.name,
+        "run_id": event.run_id,
+        "job": event.job or "",
+        "step": event.step,
+        "task": event.task,
+        "state": event.state,
+        "message": event.message,
+        "attempt": event.attempt,
+        "at": event.at.isoformat(),
+    }
+    rows = notifier_rows(
+        [_notifier(item) for item in notifiers],
+        payload,
+        run.labels,
+        {"id": run.id, "url": run.url},
+        run.trusted,
+    )
+    return len(await enqueue_rows(conn, rows))

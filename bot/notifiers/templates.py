@@ -58,8 +58,9 @@ class Placeholders:
         field = name.removeprefix(_EVENT_PREFIX)
         if name.startswith(_EVENT_PREFIX) and self._event.get(field) is not None:
             return str(self._event[field])
-        if name in self._labels and self._labels[name] is not None:
-            return _label_text(self._labels[name])
+        label = name.removeprefix("labels.")
+        if label in self._labels and self._labels[label] is not None:
+            return _label_text(self._labels[label])
         raise MissingValue(name)
 
 

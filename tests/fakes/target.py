@@ -84,7 +84,8 @@ class FakeTarget:
     async def start(self) -> FakeTarget:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app)
+        # In-flight replies (scripted delays) are cut short when a test ends.
+        self._runner = web.AppRunner(app, shutdown_timeout=0.2, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()

@@ -1,0 +1,1 @@
+"""Reporters: turn engine events into commit statuses, check runs and PR comments."""
