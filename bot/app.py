@@ -26,7 +26,8 @@ from bot.notifiers import notifier_sinks
 from bot.outbox.sender import OutboxSender
 from bot.store.db import create_pool, migrate
 from bot.store.embedded import EmbeddedPostgres
-from bot.web import callbacks, health
+from bot.web import callbacks, health, metrics, runs
+from bot.web.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class Services:
     sender: OutboxSender
     secrets: SecretStore
     embedded: EmbeddedPostgres | None = None
+    metrics: Metrics = field(default_factory=Metrics)
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start_background(self) -> None:
@@ -120,6 +122,8 @@ def create_app(services: Services, *, routes: Sequence[Any] = ()) -> web.Applica
     app[SERVICES_KEY] = services
     callbacks.add_routes(app, services.engine, services.pool)
     health.add_routes(app, services.pool)
+    runs.add_routes(app, services.pool)
+    metrics.add_routes(app, services.pool, services.metrics)
     for add_routes in routes:
         add_routes(app)
     return app
