@@ -308,6 +308,17 @@ async def test_deployment_rollback_after_own_deadline(kube: FakeKubernetes) -> N
     assert web(kube)["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.test/web:1"
 
 
+async def test_deployment_watch_error_rolls_back(kube: FakeKubernetes) -> None:
+    kube.inject_error("watch", "deployments", 403)
+    arguments = {"images": {"web": "registry.test/web:2"}, "rollback_on_failure": True}
+    result = await asyncio.wait_for(action(kube).execute(attempt(arguments)), 10)
+
+    assert result.outcome == "failed"
+    assert "Kubernetes denied watch on deployments.apps" in result.message
+    assert "Rolled back" in result.message
+    assert web(kube)["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.test/web:1"
+
+
 async def test_deployment_unknown_container(kube: FakeKubernetes) -> None:
     result = await asyncio.wait_for(action(kube).execute(attempt({"images": {"api": "x:1"}})), 10)
 

@@ -136,6 +136,24 @@ async def test_local_job_cancel_kills_group(tmp_path: Path) -> None:
     assert not alive(child)
 
 
+async def test_local_job_background_child_killed(tmp_path: Path) -> None:
+    pid_file = tmp_path / "child.pid"
+    code = (
+        "import subprocess, sys\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)'])\n"
+        "open(sys.argv[1], 'w').write(str(child.pid))\n"
+        "print('left a child behind')\n"
+    )
+    arguments = {"image": "x", "command": [PY, "-c", code, str(pid_file)]}
+    recorder = AttemptRecorder()
+    action = LocalJobAction(Settings(data_dir=tmp_path), kill_grace_s=1.0)
+    result = await action.execute(job(recorder, arguments))
+
+    assert result.outcome == "succeeded"
+    assert recorder.text("local/stdout") == "left a child behind\n"
+    assert not alive(int(pid_file.read_text()))
+
+
 async def test_local_job_manifest_first_container(tmp_path: Path) -> None:
     manifest = {
         "apiVersion": "batch/v1",

@@ -2,9 +2,9 @@
 
 Every API call goes through `KubeApi`, which checks the call against
 `REQUIRED_PERMISSIONS` (the table that deploy/role.yaml must grant), turns the API's
-answers into plain dicts in the API's own JSON form, and raises a `KubernetesError`
+responses into plain dicts in the API's own JSON form, and raises a `KubernetesError`
 subclass for every failure. kubernetes_asyncio supplies the configuration loaders, the
-authenticated HTTP session and the typed endpoint methods; its `ApiException` never
+authenticated HTTP session and the typed endpoint methods. Its `ApiException` never
 leaves this module.
 """
 
@@ -36,7 +36,7 @@ KubeObject = dict[str, Any]
 SERVICE_ACCOUNT_TOKEN: Final = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
 
 # The verbs KubeCI uses, by (API group, resource). deploy/role.yaml grants exactly these,
-# and tests/test_deploy_rbac.py fails when the two differ. `KubeApi` refuses any call
+# and tests/test_deploy_rbac.py fails when the two differ. `KubeApi` rejects any call
 # whose verb and resource are missing here.
 REQUIRED_PERMISSIONS: Final[Mapping[tuple[str, str], frozenset[str]]] = {
     ("batch", "jobs"): frozenset({"create", "get", "list", "watch", "delete"}),
@@ -82,11 +82,11 @@ class KubernetesConfigError(KubernetesError):
 
 
 class KubernetesUnavailable(KubernetesError):
-    """The API server could not be reached, timed out, or answered 429 or 5xx."""
+    """The API server could not be reached, timed out, or returned 429 or 5xx."""
 
 
 class KubernetesBadRequest(KubernetesError):
-    """400: the request is malformed, or a log was asked of a container not started."""
+    """400: the request is malformed, or requested the log of a container not started."""
 
     retryable = False
 
@@ -112,7 +112,7 @@ class KubernetesConflict(KubernetesError):
 
 
 class KubernetesGone(KubernetesError):
-    """410: a watch asked for a resource version the server no longer keeps."""
+    """410: a watch requested a resource version the server no longer keeps."""
 
 
 class KubernetesInvalid(KubernetesError):
@@ -179,7 +179,7 @@ def _api_message(body: Any, fallback: str) -> str:
 
 
 def _describe(status: int, call: Call, body: Any, reason: str) -> str:
-    """Build the message of an error answer, naming the fix where one is known."""
+    """Build the message of an error response, naming the fix where one is known."""
     message = _api_message(body, reason or "no message")
     details = body.get("details") if isinstance(body, dict) else None
     details = details if isinstance(details, dict) else {}
@@ -218,7 +218,7 @@ def error_from_answer(
     reason: str = "",
     headers: Mapping[str, str] | None = None,
 ) -> KubernetesError:
-    """Build the KubernetesError subclass for an error answer with a Status body."""
+    """Build the KubernetesError subclass for an error response with a Status body."""
     body = _status_body(raw_body)
     if status == 429 or status >= 500:
         error_type: type[KubernetesError] = KubernetesUnavailable
@@ -246,7 +246,7 @@ def wrap_api_exception(exc: ApiException, call: Call) -> KubernetesError:
 
 @dataclass(frozen=True)
 class ClusterSource:
-    """Where the cluster configuration comes from."""
+    """The origin of the cluster configuration: a service account or a kubeconfig file."""
 
     kind: Literal["in-cluster", "kubeconfig"]
     path: str
@@ -380,7 +380,7 @@ STRATEGIC_MERGE_PATCH: Final = "application/strategic-merge-patch+json"
 
 
 class KubeApi:
-    """The Kubernetes API calls KubeCI makes, answering plain dicts.
+    """The Kubernetes API calls KubeCI makes, returning plain dicts.
 
     Use it as an async context manager; it closes its ApiClient on exit.
     """
@@ -408,7 +408,7 @@ class KubeApi:
     async def _open(
         self, call: Call, method: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any
     ) -> aiohttp.ClientResponse:
-        """Send one request and return the raw response, raising on an error answer."""
+        """Send one request and return the raw response; raise KubernetesError on an error."""
         require_permission(call)
         kwargs.setdefault("_request_timeout", self.request_timeout_s)
         try:
@@ -441,7 +441,7 @@ class KubeApi:
                 payload = await response.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise KubernetesUnavailable(
-                f"reading the answer to {call.verb} {call.qualified_resource} failed: {exc!r}"
+                f"reading the response to {call.verb} {call.qualified_resource} failed: {exc!r}"
             ) from exc
         return payload if isinstance(payload, dict) else {}
 
@@ -563,9 +563,9 @@ class Informer:
     """A local copy of the objects matching a selector, kept current by a watch.
 
     `changes()` lists the objects, then watches from the list's resource version and
-    yields after every change. A watch that ends (its server-side timeout) is resumed
-    from the last resource version seen, bookmarks included; a 410 Gone answer starts
-    again from a fresh list. Nothing is polled.
+    yields after every change. When a watch ends at its server-side timeout, the next
+    one resumes from the last resource version seen, bookmarks included. A 410 Gone
+    response starts again from a fresh list. Nothing is polled.
     """
 
     MAX_WATCH_FAILURES: Final = 5
@@ -629,7 +629,7 @@ class Informer:
         self.lists += 1
 
     async def _watch_once(self) -> AsyncGenerator[None, None]:
-        """Run one watch request, applying each event; ends when the server closes it."""
+        """Run one watch request and apply each event, until the server closes it."""
         call = self._call("watch")
         require_permission(call)
         stream = watch.Watch(return_type="object")

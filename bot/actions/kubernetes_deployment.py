@@ -208,7 +208,7 @@ def strategic_patch(deployment: KubeObject, args: DeploymentArguments) -> KubeOb
 
 @dataclass(frozen=True)
 class RolloutStatus:
-    """Where a rollout stands, judged as `kubectl rollout status` does."""
+    """The progress of a rollout, judged as `kubectl rollout status` does."""
 
     done: bool
     progress: str
@@ -230,18 +230,18 @@ def rollout_status(deployment: KubeObject) -> RolloutStatus:
         ):
             failure = f"ProgressDeadlineExceeded: {condition.get('message') or 'no progress'}"
             return RolloutStatus(False, "past its progress deadline", failure)
-    wanted = int(spec.get("replicas", 1))
+    desired = int(spec.get("replicas", 1))
     updated = int(status.get("updatedReplicas") or 0)
     total = int(status.get("replicas") or 0)
     ready = int(status.get("readyReplicas") or 0)
     available = int(status.get("availableReplicas") or 0)
-    if updated < wanted:
-        return RolloutStatus(False, f"{updated} of {wanted} replicas updated")
+    if updated < desired:
+        return RolloutStatus(False, f"{updated} of {desired} replicas updated")
     if total > updated:
         return RolloutStatus(False, f"{total - updated} old replicas are pending termination")
-    if available < wanted or ready < wanted:
-        return RolloutStatus(False, f"{min(available, ready)} of {wanted} updated replicas ready")
-    return RolloutStatus(True, f"{wanted} replicas updated and available")
+    if available < desired or ready < desired:
+        return RolloutStatus(False, f"{min(available, ready)} of {desired} updated replicas ready")
+    return RolloutStatus(True, f"{desired} replicas updated and available")
 
 
 def label_selector(selector: KubeObject) -> str:
@@ -332,12 +332,15 @@ class _Rollout:
         deployment = await self.api.read_deployment(self.args.namespace, self.args.name)
         missing = self._missing_containers(deployment)
         if missing:
+            log.info("%s", missing, extra=log_ids(self.ctx))
             return RolloutOutcome(False, missing, retryable=False)
         spec = deployment.get("spec") or {}
         template = spec.get("template") or {}
         replicas = int(spec.get("replicas", 1))
-        wanted_replicas = replicas if self.args.replicas is None else self.args.replicas
-        changed = updated_template(template, self.args) != template or wanted_replicas != replicas
+        requested_replicas = replicas if self.args.replicas is None else self.args.replicas
+        changed = (
+            updated_template(template, self.args) != template or requested_replicas != replicas
+        )
         previous = self.ctx.data.get("previous")
         if previous is None:
             if not changed:
@@ -350,7 +353,12 @@ class _Rollout:
             await self.api.patch_deployment(self.args.namespace, self.args.name, patch)
             log.info("patched Deployment %s", self.where, extra=log_ids(self.ctx))
             await self._note(f"Patched Deployment {self.where}: {patch}")
-        outcome = await self._wait()
+        try:
+            outcome = await self._wait()
+        except KubernetesError as exc:
+            # The rollout's state is unknown, which counts as a failure for the rollback.
+            log.warning("watching %s failed: %s", self.where, exc, extra=log_ids(self.ctx))
+            outcome = RolloutOutcome(False, exc.message, exc.retryable)
         if not outcome.succeeded and self.args.rollback_on_failure:
             outcome = await self._roll_back(outcome, previous)
         await self._save(outcome=asdict(outcome))
@@ -462,6 +470,7 @@ class KubernetesDeploymentAction:
         try:
             args = parse_deployment_arguments(ctx.arguments, self.settings)
         except ArgumentError as exc:
+            log.info("invalid kubernetes_deployment arguments: %s", exc, extra=log_ids(ctx))
             return AttemptResult.failure(f"kubernetes_deployment: {exc}", retryable=False)
         try:
             api = KubeApi(

@@ -2,9 +2,10 @@
 
 One attempt is one Job, named from the run, task and attempt number, so an attempt
 recovered by another process finds its Job again instead of creating a second one.
-The action watches the Job and its pods, streams every container's log into the
-attempt log, fails early when a pod is stuck (image pull errors, unschedulable, bad
-configuration), reads each log in full once the Job ends, and only then deletes the Job.
+The action watches the Job and its pods and streams every container's log into the
+attempt log. It fails early when a pod is stuck (image pull errors, unschedulable, bad
+configuration). Once the Job ends it reads each log in full, and only then deletes the
+Job.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from contextlib import aclosing
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
@@ -264,8 +265,8 @@ def _inline_job(args: JobArguments) -> KubeObject:
 
 
 def _merge_env(container: KubeObject, env: Mapping[str, str]) -> None:
-    kept = [item for item in container.get("env") or [] if item.get("name") not in env]
-    container["env"] = kept + [{"name": name, "value": value} for name, value in env.items()]
+    others = [item for item in container.get("env") or [] if item.get("name") not in env]
+    container["env"] = others + [{"name": name, "value": value} for name, value in env.items()]
 
 
 def resolve_namespace(args: JobArguments, settings: Settings) -> str:
@@ -357,7 +358,7 @@ class StuckPod:
     pod: str
     reason: str
     message: str
-    what: str
+    summary: str
 
 
 def stuck_pods(pods: Iterable[KubeObject]) -> list[StuckPod]:
@@ -369,9 +370,9 @@ def stuck_pods(pods: Iterable[KubeObject]) -> list[StuckPod]:
             reason = str(waiting.get("reason") or "")
             if reason in STUCK_WAITING_REASONS:
                 container = str(status.get("name"))
-                what = f"container {container} is waiting with {reason}"
+                summary = f"container {container} is waiting with {reason}"
                 message = str(waiting.get("message") or "")
-                found.append(StuckPod(f"{name}/{container}", name, reason, message, what))
+                found.append(StuckPod(f"{name}/{container}", name, reason, message, summary))
         for condition in (pod.get("status") or {}).get("conditions") or []:
             if (
                 condition.get("type") == "PodScheduled"
@@ -384,7 +385,7 @@ def stuck_pods(pods: Iterable[KubeObject]) -> list[StuckPod]:
 
 
 class StuckTracker:
-    """Remembers since when each pod has been stuck, to fail after a grace period."""
+    """The time each pod became stuck, to fail the Job after a grace period."""
 
     def __init__(self, grace_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.grace_s = grace_s
@@ -454,7 +455,7 @@ class _ContainerLog:
 
 
 class PodLogs:
-    """Streams the logs of a Job's containers into the attempt log, then reads them in full.
+    """Log collection for a Job: live streams into the attempt log, then full reads.
 
     Each container's log is cut at `cap_bytes`, with a marker saying so. The final
     full read appends what the live stream missed (a broken stream, a container that
@@ -577,7 +578,7 @@ def log_ids(ctx: AttemptContext) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class JobOutcome:
-    """How a Job ended, as stored in the attempt's data before the Job is deleted."""
+    """The end of a Job, stored in the attempt's data before the Job is deleted."""
 
     succeeded: bool
     message: str
@@ -612,7 +613,7 @@ def finished_condition(job: KubeObject) -> KubeObject | None:
 
 
 class JobFollower:
-    """Watches one Job and its pods until the Job finishes or a pod stays stuck."""
+    """Follower of one Job and its pods, until the Job finishes or a pod stays stuck."""
 
     def __init__(
         self, api: KubeApi, namespace: str, job: KubeObject, logs: PodLogs, stuck: StuckTracker
@@ -692,7 +693,7 @@ class JobFollower:
         detail = f": {stuck.message}" if stuck.message else ""
         return JobOutcome(
             False,
-            f"Job {where} failed early: pod {stuck.pod} {stuck.what} for more than "
+            f"Job {where} failed early: pod {stuck.pod} {stuck.summary} for more than "
             f"{self.stuck.grace_s:g} s ({stuck.reason}{detail})",
             retryable=stuck.reason not in PERMANENT_STUCK_REASONS,
         )
@@ -730,7 +731,7 @@ class JobActionOptions:
     watch_timeout_s: int = 300
 
 
-async def run_to_end(coroutine: Any) -> None:
+async def run_to_end(coroutine: Coroutine[Any, Any, None]) -> None:
     """Await `coroutine` in its own task, finishing it even when cancelled meanwhile.
 
     Re-raises CancelledError afterwards when a cancellation arrived while waiting.
@@ -775,7 +776,12 @@ class _JobAttempt:
             log.info("Job %s already finished; deleting it", self.where, extra=log_ids(self.ctx))
             await self._delete_quietly()
             return JobOutcome.from_data(stored).to_result()
-        job = await self._create_or_attach()
+        try:
+            job = await self._create_or_attach()
+        except asyncio.CancelledError:
+            # The create request may have reached the API server before the cancellation.
+            await run_to_end(self._delete_quietly())
+            raise
         if isinstance(job, AttemptResult):
             return job
         logs = PodLogs(self.api, self.ctx, self.namespace, self.options.log_cap_bytes)
@@ -827,6 +833,7 @@ class _JobAttempt:
         expected = job_labels(self.ctx)
         keys = [f"{LABEL_PREFIX}{key}" for key in ("run-id", "task-id", "attempt")]
         if any(labels.get(key) != expected[key] for key in keys):
+            log.warning("Job %s belongs to another attempt", self.where, extra=log_ids(self.ctx))
             return AttemptResult.failure(
                 f"Job {self.where} exists but was not created for this attempt (its labels "
                 f"differ); delete it or run the task in another namespace",
@@ -857,7 +864,7 @@ class _JobAttempt:
         except KubernetesNotFound:
             return
         except KubernetesError as exc:
-            # ttlSecondsAfterFinished removes the Job later; the outcome stands.
+            # ttlSecondsAfterFinished removes the Job later, so the outcome is kept.
             log.warning("cannot delete Job %s: %s", self.where, exc, extra=log_ids(self.ctx))
             await self._note(f"Could not delete Job {self.where}: {exc.message}")
             return
@@ -892,6 +899,7 @@ class KubernetesJobAction:
             args = parse_job_arguments(ctx.arguments)
             namespace = str(ctx.data.get("namespace") or resolve_namespace(args, self.settings))
         except ArgumentError as exc:
+            log.info("invalid kubernetes_job arguments: %s", exc, extra=log_ids(ctx))
             return AttemptResult.failure(f"kubernetes_job: {exc}", retryable=False)
         name = str(ctx.data.get("job_name") or job_name_for(ctx))
         try:

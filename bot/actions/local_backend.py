@@ -1,8 +1,8 @@
 """Local stand-ins for the Kubernetes actions, for machines without a cluster.
 
-`LocalJobAction` runs a kubernetes_job task's command and args as a local process (the
-image is ignored, and the attempt log says so), with the task's env plus the callback
-variables, and captures its output live. `LocalDeploymentAction` records
+`LocalJobAction` runs a kubernetes_job task's command and args as a local process, with
+the task's env plus the callback variables, and captures its output live. The image is
+ignored, and the attempt log states that. `LocalDeploymentAction` records
 kubernetes_deployment updates (images, replicas, env, the previous record, a revision)
 in a JSON file instead of changing a cluster.
 """
@@ -110,6 +110,15 @@ class _OutputLog:
         self.tail = (self.tail + text)[-4000:]
 
 
+async def _read_pipe(fd: int) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]:
+    """Attach a StreamReader to the read end of an os.pipe()."""
+    reader = asyncio.StreamReader()
+    transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
+    )
+    return reader, transport
+
+
 class LocalJobAction:
     """Runs a kubernetes_job task's command as a local process (see the module docstring)."""
 
@@ -136,6 +145,7 @@ class LocalJobAction:
         try:
             argv, task_env, image = local_command(parse_job_arguments(ctx.arguments))
         except ArgumentError as exc:
+            log.info("invalid kubernetes_job arguments: %s", exc, extra=log_ids(ctx))
             return AttemptResult.failure(f"kubernetes_job: {exc}", retryable=False)
         log.info(
             "local backend: running %s as a local process; image %s ignored",
@@ -149,38 +159,61 @@ class LocalJobAction:
             f"The image {image or '(none)'} is ignored.\n",
         )
         with tempfile.TemporaryDirectory(prefix="kubeci-job-") as workdir:
-            try:
-                process = await asyncio.create_subprocess_exec(
-                    *argv,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE,
-                    env=self._environment(ctx, task_env),
-                    cwd=workdir,
-                    start_new_session=True,
-                )
-            except OSError as exc:
-                message = f"cannot start {argv[0]!r}: {exc.strerror or exc}"
-                return AttemptResult.failure(message, retryable=False)
-            return await self._follow(ctx, process)
+            return await self._run(ctx, argv, self._environment(ctx, task_env), workdir)
+
+    async def _run(
+        self, ctx: AttemptContext, argv: list[str], env: dict[str, str], workdir: str
+    ) -> AttemptResult:
+        # Our own pipes, not asyncio's: in Python 3.11 Process.wait() returns only once
+        # asyncio's pipes close, which a background grandchild can delay indefinitely.
+        out_read, out_write = os.pipe()
+        err_read, err_write = os.pipe()
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out_write,
+                stderr=err_write,
+                env=env,
+                cwd=workdir,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            os.close(out_read)
+            os.close(err_read)
+            message = f"cannot start {argv[0]!r}: {exc.strerror or exc}"
+            log.info("local command failed to start: %s", message, extra=log_ids(ctx))
+            return AttemptResult.failure(message, retryable=False)
+        finally:
+            os.close(out_write)
+            os.close(err_write)
+        streams = [await _read_pipe(out_read), await _read_pipe(err_read)]
+        try:
+            return await self._follow(ctx, process, [reader for reader, _ in streams])
+        finally:
+            for _, transport in streams:
+                transport.close()
 
     async def _follow(
-        self, ctx: AttemptContext, process: asyncio.subprocess.Process
+        self,
+        ctx: AttemptContext,
+        process: asyncio.subprocess.Process,
+        readers: list[asyncio.StreamReader],
     ) -> AttemptResult:
-        assert process.stdout is not None and process.stderr is not None
         outputs = [
             _OutputLog(ctx, "local/stdout", self.log_cap_bytes),
             _OutputLog(ctx, "local/stderr", self.log_cap_bytes),
         ]
         pumps = [
-            asyncio.create_task(outputs[0].pump(process.stdout)),
-            asyncio.create_task(outputs[1].pump(process.stderr)),
+            asyncio.create_task(output.pump(reader))
+            for output, reader in zip(outputs, readers, strict=True)
         ]
         timeout_s = max(0.0, ctx.remaining_s)
         try:
             async with asyncio.timeout(timeout_s):
                 code = await process.wait()
-                await asyncio.gather(*pumps)
+            # Background processes the command left behind end with it, as in a pod.
+            await self._stop(process, pumps)
         except TimeoutError:
             await self._stop(process, pumps)
             log.info("local command timed out after %g s", timeout_s, extra=log_ids(ctx))
@@ -195,22 +228,26 @@ class LocalJobAction:
             message = f"command was killed by signal {signal.Signals(-code).name}"
         else:
             message = f"command exited with code {code}"
+        log.info("local command failed: %s", message, extra=log_ids(ctx))
         return AttemptResult.failure(message, response_excerpt=excerpt)
 
     async def _stop(
         self, process: asyncio.subprocess.Process, pumps: list[asyncio.Task[None]]
     ) -> None:
-        """Stop the command's whole process group: SIGTERM, then SIGKILL after a grace period."""
-        for sig in (signal.SIGTERM, signal.SIGKILL):
+        """Stop the command's process group: SIGTERM, SIGKILL after a grace period.
+
+        Then wait (at most the grace period) for the output pipes to close, which they do
+        once every process of the group has ended.
+        """
+        if process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, sig)
-            try:
+                os.killpg(process.pid, signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.kill_grace_s):
                     await process.wait()
-                    break
-            except TimeoutError:
-                continue
-        # The output pipes close once every process of the group is gone.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()
         _, pending = await asyncio.wait(pumps, timeout=self.kill_grace_s)
         for task in pending:
             task.cancel()
@@ -354,6 +391,7 @@ class LocalDeploymentAction:
         try:
             args = parse_deployment_arguments(ctx.arguments, self.settings)
         except ArgumentError as exc:
+            log.info("invalid kubernetes_deployment arguments: %s", exc, extra=log_ids(ctx))
             return AttemptResult.failure(f"kubernetes_deployment: {exc}", retryable=False)
         where = f"{args.namespace}/{args.name}"
         if "revision" in ctx.data:

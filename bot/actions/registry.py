@@ -13,7 +13,7 @@ from bot.config import Settings
 def build_actions(settings: Settings) -> dict[str, Action]:
     """Return the actions by name, with the Kubernetes ones on the chosen backend.
 
-    Raises ConfigError when KUBECI_BACKEND or KUBECI_KUBECONFIG holds an unusable value.
+    Raises ConfigError when KUBECI_BACKEND or KUBECI_KUBECONFIG contains an unusable value.
     """
     actions: dict[str, Action] = {}
     if choose_backend(settings) == "kubernetes":
