@@ -393,22 +393,24 @@ class _Rollout:
             "deployments", self.args.namespace, field_selector=f"metadata.name={self.args.name}"
         )
         status = RolloutStatus(False, "no status seen yet")
+        deployment: KubeObject | None = None
         try:
             async with asyncio.timeout(deadline_s), aclosing(informer.changes()) as changes:
                 async for _ in changes:
                     deployment = informer.objects.get(self.args.name)
                     if deployment is None:
-                        message = f"Deployment {self.where} was deleted during the rollout"
-                        return RolloutOutcome(False, message)
+                        break
                     status = rollout_status(deployment)
-                    if status.done:
-                        return RolloutOutcome(True, f"Deployment {self.where}: {status.progress}")
-                    if status.failure:
-                        return await self._failed(deployment, f"failed: {status.failure}")
+                    if status.done or status.failure:
+                        break
         except TimeoutError:
             reason = f"did not finish within {deadline_s:g} s ({status.progress})"
             return await self._failed(informer.objects.get(self.args.name), reason)
-        raise AssertionError("the Deployment watch ended")  # changes() never ends by itself
+        if deployment is None:
+            return RolloutOutcome(False, f"Deployment {self.where} was deleted during the rollout")
+        if status.done:
+            return RolloutOutcome(True, f"Deployment {self.where}: {status.progress}")
+        return await self._failed(deployment, f"failed: {status.failure}")
 
     async def _failed(self, deployment: KubeObject | None, reason: str) -> RolloutOutcome:
         message = f"rollout of Deployment {self.where} {reason}"
@@ -417,7 +419,9 @@ class _Rollout:
             try:
                 pods = await self.api.list_pods(self.args.namespace, label_selector(selector))
             except KubernetesError as exc:
-                log.warning("cannot list the pods of %s: %s", self.where, exc)
+                log.warning(
+                    "cannot list the pods of %s: %s", self.where, exc, extra=log_ids(self.ctx)
+                )
                 pods = []
             problems = pod_problems(pods)
             if problems:

@@ -460,6 +460,9 @@ class PodLogs:
     Each container's log is cut at `cap_bytes`, with a marker saying so. The final
     full read appends what the live stream missed (a broken stream, a container that
     ended before it was followed, a process that re-attached).
+
+    NOTE: after a re-attach, log text that the earlier process already stored is
+    stored again, because the offsets sent so far live only in this object.
     """
 
     MAX_PENDING_BYTES: Final = 64 * 1024
@@ -470,6 +473,7 @@ class PodLogs:
         self.ctx = ctx
         self.namespace = namespace
         self.cap_bytes = cap_bytes
+        self.ids = log_ids(ctx)
         self._logs: dict[str, _ContainerLog] = {}
 
     def tail(self, key: str) -> str:
@@ -502,12 +506,7 @@ class PodLogs:
                         return
             await self._append(entry, b"", final=True)
         except KubernetesError as exc:
-            log.info(
-                "log stream of %s ended early: %s",
-                entry.source,
-                exc,
-                extra={"attempt_id": self.ctx.attempt_id},
-            )
+            log.info("log stream of %s ended early: %s", entry.source, exc, extra=log_ids(self.ctx))
 
     async def _append(self, entry: _ContainerLog, data: bytes, *, final: bool) -> None:
         if entry.truncated:
@@ -562,7 +561,7 @@ class PodLogs:
                 self.namespace, entry.pod, entry.container, limit_bytes=self.cap_bytes + 1
             )
         except KubernetesError as exc:
-            log.warning("cannot read the log of %s: %s", entry.source, exc)
+            log.warning("cannot read the log of %s: %s", entry.source, exc, extra=log_ids(self.ctx))
             await self.ctx.append_log(entry.source, f"[log unavailable: {exc.message}]\n")
             return
         entry.pending.clear()
@@ -655,7 +654,7 @@ class JobFollower:
         try:
             return await self.api.list_pods(self.namespace, pod_selector(self.job, self.name))
         except KubernetesError as exc:
-            log.warning("cannot list the pods of Job %s: %s", self.name, exc)
+            log.warning("cannot list the pods of Job %s: %s", self.name, exc, extra=self.logs.ids)
             return list(self.pods.values())
 
     @staticmethod

@@ -345,6 +345,7 @@ class FakeKubernetes:
         self._logs: dict[tuple[str, str, str], _Log] = {}
         self._watch_expiries: dict[str, int] = {}
         self._bookmark_round = 0
+        self._closing = False
         self._runner: web.AppRunner | None = None
 
     # Lifecycle
@@ -368,6 +369,8 @@ class FakeKubernetes:
         return self.url
 
     async def close(self) -> None:
+        # Open watches and log streams end at once instead of holding up the shutdown.
+        self._closing = True
         for log in self._logs.values():
             log.finished = True
         self._notify()
@@ -1215,7 +1218,7 @@ class _WatchStream:
                 bookmark_round = fake._bookmark_round
                 await self._bookmark()
             remaining_s = deadline - asyncio.get_running_loop().time()
-            if remaining_s <= 0:
+            if remaining_s <= 0 or fake._closing:
                 if self.bookmarks:
                     await self._bookmark()
                 return
