@@ -91,6 +91,7 @@ def test_build_job_inline_fields() -> None:
         timeout_s=90.5,
     )
     job = build_job(ctx, parse_job_arguments(ctx.arguments), "kubeci-x-1", NS, 3600)
+
     pod_spec = job["spec"]["template"]["spec"]
     container = pod_spec["containers"][0]
     env = {item["name"]: item["value"] for item in container["env"]}
@@ -153,6 +154,7 @@ def test_build_job_merges_manifest() -> None:
     }
     ctx = make_attempt({"manifest": manifest, "env": {"MODE": "y"}}, AttemptRecorder())
     job = build_job(ctx, parse_job_arguments(ctx.arguments), "kubeci-x-1", NS, 3600)
+
     containers = job["spec"]["template"]["spec"]["containers"]
     first_env = {item["name"]: item["value"] for item in containers[0]["env"]}
     assert job["metadata"]["name"] == "kubeci-x-1"

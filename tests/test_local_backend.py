@@ -14,7 +14,12 @@ from typing import Any
 import pytest
 
 from bot.actions.base import AttemptContext
-from bot.actions.kube_client import choose_backend, find_cluster_source
+from bot.actions.kube_client import (
+    KubernetesConfigError,
+    choose_backend,
+    find_cluster_source,
+    load_configuration,
+)
 from bot.actions.kubernetes_deployment import KubernetesDeploymentAction
 from bot.actions.kubernetes_job import KubernetesJobAction
 from bot.actions.local_backend import LocalDeploymentAction, LocalJobAction
@@ -342,6 +347,25 @@ def test_backend_in_cluster(tmp_path: Path) -> None:
     source = find_cluster_source(Settings(), environ=environ, token_path=token)
     assert source is not None
     assert source.kind == "in-cluster"
+
+
+async def test_in_cluster_configuration_loads(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("sa-token")
+    (tmp_path / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
+    environ = {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "KUBERNETES_SERVICE_PORT": "443"}
+    configuration = await load_configuration(Settings(), environ=environ, token_path=token)
+
+    assert configuration.host == "https://10.0.0.1:443"
+    assert configuration.api_key["BearerToken"] == "Bearer sa-token"
+    assert configuration.ssl_ca_cert == str(tmp_path / "ca.crt")
+
+
+async def test_no_configuration_error(tmp_path: Path) -> None:
+    environ = {"HOME": str(tmp_path)}
+    with pytest.raises(KubernetesConfigError) as caught:
+        await load_configuration(Settings(), environ=environ, token_path=tmp_path / "token")
+    assert "set KUBECI_BACKEND=local" in str(caught.value)
 
 
 def test_backend_explicit_kubeconfig_missing(tmp_path: Path) -> None:

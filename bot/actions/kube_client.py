@@ -347,7 +347,12 @@ async def load_configuration(
     try:
         if source.kind == "in-cluster":
             load_incluster: Callable[..., None] = config.load_incluster_config
-            load_incluster(client_configuration=configuration)
+            load_incluster(
+                client_configuration=configuration,
+                token_filename=source.path,
+                cert_filename=str(Path(source.path).with_name("ca.crt")),
+                environ=dict(os.environ if environ is None else environ),
+            )
         else:
             await config.load_kube_config(
                 config_file=source.path,

@@ -2,14 +2,15 @@
 
 Tests reach it through kubernetes_asyncio itself (`FakeKubernetes.api_client` or a
 kubeconfig from `write_kubeconfig`). It serves namespaced batch/v1 Jobs, core/v1 Pods
-(with logs, followed or not) and apps/v1 Deployments, with resource versions, list and
-watch (ADDED, MODIFIED, DELETED, BOOKMARK and 410 ERROR events), label and field
-selectors, and error answers with the API's Status bodies. It records every request.
+(with logs, followed or not) and apps/v1 Deployments. Lists and watches carry resource
+versions and honour label and field selectors. Watches send ADDED, MODIFIED, DELETED,
+BOOKMARK and 410 ERROR events. Errors come with the API's Status bodies. The fake
+records every request.
 
 Like the real control plane, creating a Job creates its pods (labelled `job-name` and
 `controller-uid`), and a fake job controller sets the Job's conditions when its pods
 end. Nothing else moves by itself: tests script pod and container states, logs, Job
-conditions and Deployment rollouts, and inject error answers per verb and resource.
+conditions and Deployment rollouts, and inject error responses per verb and resource.
 
 `make_attempt` builds the AttemptContext the engine would pass to an action, with
 recording `save_data` and `append_log` callables.
@@ -124,7 +125,7 @@ class _Route:
 
 
 class ApiAnswer(Exception):
-    """An error answer with a Status body, raised inside request handling."""
+    """An error response with a Status body, raised inside request handling."""
 
     def __init__(self, code: int, reason: str, message: str, details: Obj | None = None) -> None:
         super().__init__(message)
@@ -427,7 +428,7 @@ class FakeKubernetes:
         times: int = 1,
         name: str | None = None,
     ) -> None:
-        """Answer the next `times` requests of verb on resource ("pods/log" too) with `status`."""
+        """Fail the next `times` requests of verb on resource ("pods/log" too) with `status`."""
         self._faults.append(_Fault(verb, resource, status, message, times, name))
 
     def expire_watches(self, resource: str) -> None:
@@ -678,6 +679,7 @@ class FakeKubernetes:
             }
         )
         job["status"] = {}
+
         self._emit("jobs", "ADDED", job)
         created = copy.deepcopy(job)
         for _ in range(spec["parallelism"]):
