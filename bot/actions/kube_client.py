@@ -205,12 +205,12 @@ def _describe(status: int, call: Call, body: Any, reason: str) -> str:
     if status == 422:
         return f"Kubernetes rejected {call.qualified_resource} {call.name!r} as invalid: {message}"
     return (
-        f"Kubernetes API answered {status} {reason} to {call.verb} "
+        f"Kubernetes API returned {status} {reason} for {call.verb} "
         f"{call.qualified_resource} {where}: {message}"
     )
 
 
-def error_from_answer(
+def error_from_response(
     status: int,
     call: Call,
     *,
@@ -238,7 +238,7 @@ def wrap_api_exception(exc: ApiException, call: Call) -> KubernetesError:
         reason, _, message = reason.partition(": ")
         raw = json.dumps({"kind": "Status", "reason": reason, "message": message})
     headers = dict(exc.headers) if exc.headers else None
-    return error_from_answer(status, call, raw_body=raw, reason=reason, headers=headers)
+    return error_from_response(status, call, raw_body=raw, reason=reason, headers=headers)
 
 
 # --- Configuration -------------------------------------------------------------------
@@ -428,7 +428,7 @@ class KubeApi:
         if response.status >= 400:
             async with response:
                 raw = await response.read()
-            raise error_from_answer(
+            raise error_from_response(
                 response.status,
                 call,
                 raw_body=raw,
