@@ -14,8 +14,7 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from bot.actions.base import Action
-from bot.actions.webhook import WebhookAction
+from bot.actions.registry import build_actions
 from bot.config import Settings
 from bot.engine.core import Engine
 from bot.engine.events import EventHook
@@ -79,10 +78,6 @@ async def open_database(settings: Settings) -> tuple[asyncpg.Pool, EmbeddedPostg
             await asyncio.to_thread(embedded.stop)
         raise
     return pool, embedded
-
-
-def build_actions(settings: Settings) -> dict[str, Action]:
-    return {"webhook": WebhookAction(settings)}
 
 
 async def build_services(

@@ -12,7 +12,8 @@ from typing import Any
 import asyncpg
 
 from bot.actions.base import Action
-from bot.app import Services, build_actions, create_app, serving, with_bound_port
+from bot.actions.registry import build_actions
+from bot.app import Services, create_app, serving, with_bound_port
 from bot.config import Settings
 from bot.engine.core import Engine, RunRequest
 from bot.engine.events import EventHook

@@ -1,4 +1,8 @@
-"""A worker in its own process, for tests that kill it: `python -m tests.worker_process DSN`."""
+"""A worker in its own process, for tests that kill it: `python -m tests.worker_process DSN`.
+
+Settings come from the environment (KUBECI_BACKEND, KUBECI_KUBECONFIG, ...), with a short
+lease so that a killed worker's attempts are recovered quickly.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,8 @@ import asyncio
 import logging
 import sys
 
-from bot.app import build_actions
+from bot.actions.registry import build_actions
+from bot.config import Settings
 from bot.engine.core import Engine
 from bot.engine.worker import Worker
 from bot.net.secrets import SecretStore
@@ -15,7 +20,14 @@ from tests.harness import fast_settings
 
 
 async def main(dsn: str) -> None:
-    settings = fast_settings(dsn, lease_s=1.5)
+    from_env = Settings.from_env()
+    settings = fast_settings(
+        dsn,
+        lease_s=1.5,
+        backend=from_env.backend,
+        kubeconfig=from_env.kubeconfig,
+        kube_namespace=from_env.kube_namespace,
+    )
     pool = await create_pool(dsn)
     worker = Worker(
         pool,

@@ -76,6 +76,10 @@ class AttemptContext:
     append_log: Callable[[str, str], Awaitable[None]]  # (source, text); secrets are masked
     mask: Callable[[str], str]  # replaces secret values in a string
     extra: dict[str, Any] = field(default_factory=dict)
+    # Set before a cancellation that hands the attempt to another process (a graceful
+    # shutdown): the action must leave outside resources such as a Kubernetes Job in
+    # place, so the next process re-attaches to them.
+    handing_back: bool = False
 
 
 class Action(Protocol):

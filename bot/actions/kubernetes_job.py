@@ -779,7 +779,8 @@ class _JobAttempt:
             job = await self._create_or_attach()
         except asyncio.CancelledError:
             # The create request may have reached the API server before the cancellation.
-            await run_to_end(self._delete_quietly())
+            if not self.ctx.handing_back:
+                await run_to_end(self._delete_quietly())
             raise
         if isinstance(job, AttemptResult):
             return job
@@ -791,7 +792,11 @@ class _JobAttempt:
             outcome = await follower.run()
             await logs.stop_streams(self.options.log_stream_grace_s)
             await logs.read_all(list(follower.pods.values()))
-        except (asyncio.CancelledError, Exception):
+        except asyncio.CancelledError:
+            if not self.ctx.handing_back:
+                await run_to_end(self._clean_up(logs, follower))
+            raise
+        except Exception:
             await run_to_end(self._clean_up(logs, follower))
             raise
         if outcome.log_key:

@@ -7,6 +7,7 @@ from bot.actions.kube_client import api_client_factory, choose_backend
 from bot.actions.kubernetes_deployment import KubernetesDeploymentAction
 from bot.actions.kubernetes_job import KubernetesJobAction
 from bot.actions.local_backend import LocalDeploymentAction, LocalJobAction
+from bot.actions.webhook import WebhookAction
 from bot.config import Settings
 
 
@@ -23,6 +24,5 @@ def build_actions(settings: Settings) -> dict[str, Action]:
     else:
         actions["kubernetes_job"] = LocalJobAction(settings)
         actions["kubernetes_deployment"] = LocalDeploymentAction(settings)
-    # TODO: add actions["webhook"] = WebhookAction(settings) from bot.actions.webhook once
-    # that module is merged.
+    actions["webhook"] = WebhookAction(settings)
     return actions

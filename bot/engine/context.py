@@ -204,5 +204,5 @@ async def build_context(
         save_data=save_data,
         append_log=writer.append,
         mask=secrets.mask,
-        extra=extra,
+        extra={**extra, "run_url": run_url},
     )

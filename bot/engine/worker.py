@@ -23,7 +23,7 @@ from typing import Any
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from bot.actions.base import Action, AttemptResult
+from bot.actions.base import Action, AttemptContext, AttemptResult
 from bot.engine.context import (
     CLAIMED_ATTEMPT_SQL,
     AttemptRow,
@@ -93,6 +93,7 @@ class Worker:
         self.poll_interval_s = poll_interval_s
         self.action_extra = action_extra or {}
         self.inflight: dict[int, asyncio.Task[None]] = {}
+        self._contexts: dict[int, AttemptContext] = {}
         self._cancelled: set[int] = set()
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -135,6 +136,10 @@ class Worker:
         if pending:
             _, still_running = await asyncio.wait(pending, timeout=grace_s)
             handed_back = [aid for aid, task in self.inflight.items() if task in still_running]
+            for attempt_id in handed_back:
+                ctx = self._contexts.get(attempt_id)
+                if ctx is not None:
+                    ctx.handing_back = True
             for task in still_running:
                 task.cancel()
             await asyncio.gather(*still_running, return_exceptions=True)
@@ -207,6 +212,7 @@ class Worker:
 
     def _finished(self, attempt_id: int, _task: object = None) -> None:
         self.inflight.pop(attempt_id, None)
+        self._contexts.pop(attempt_id, None)
         self._cancelled.discard(attempt_id)
         self._wake.set()
 
@@ -264,6 +270,7 @@ class Worker:
             )
         except PlaceholderError as exc:
             return AttemptResult.failure(str(exc), retryable=False)
+        self._contexts[attempt_id] = ctx
         try:
             async with asyncio.timeout(ctx.remaining_s):
                 return await action.execute(ctx)
