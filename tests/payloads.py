@@ -358,6 +358,7 @@ def gitlab_note(
     action: str | None = "create",
     system: bool = False,
     iid: int = 3,
+    edited: bool = False,
 ) -> dict[str, Any]:
     attributes: dict[str, Any] = {
         "id": note_id,
@@ -365,6 +366,8 @@ def gitlab_note(
         "noteable_type": noteable_type,
         "author_id": user_id,
         "system": system,
+        "created_at": "2024-05-17 17:06:40 UTC",
+        "updated_at": "2024-05-17 17:09:12 UTC" if edited else "2024-05-17 17:06:40 UTC",
         "url": f"https://gitlab.example.com/acme/widgets/-/merge_requests/{iid}#note_{note_id}",
     }
     if action is not None:

@@ -287,7 +287,7 @@ def test_merge_request_unicode_branches_kept() -> None:
     assert intent.trigger.target_branch == "主"
 
 
-def test_merge_request_labels_from_attributes_when_top_level_absent() -> None:
+def test_merge_request_labels_from_attributes() -> None:
     payload = p.gitlab_merge_request("open")
     del payload["labels"]
     payload["object_attributes"]["labels"] = [{"id": 1, "title": "ops"}]
@@ -316,6 +316,12 @@ def test_note_on_merge_request_classified() -> None:
 
 def test_note_without_action_read_as_new() -> None:
     assert classify(p.gitlab_note(action=None)).kind == "comment"
+
+
+def test_note_without_action_but_edited_ignored() -> None:
+    intent = classify(p.gitlab_note(action=None, edited=True))
+    assert intent.kind == "ignore"
+    assert intent.reason == "edited comment"
 
 
 def test_note_edited_ignored() -> None:

@@ -2,8 +2,8 @@
 
 A parser turns the raw request (body bytes and headers) into a `Delivery`, then
 classifies it into an `Intent`: what the service should do about it. Neither step does
-any I/O. Bad input raises `SignatureError` (authentication failed: answer 401) or
-`PayloadError` (the body is not what the forge documents: answer 400).
+any I/O. Bad input raises `SignatureError` when authentication fails (respond with 401)
+or `PayloadError` when the body is not what the forge documents (respond with 400).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class Delivery:
     """One webhook request, authenticated and decoded but not yet classified."""
 
     forge: Forge
-    # X-GitHub-Delivery; GitLab's event UUID or idempotency key; else "sha256:<body hash>".
+    # X-GitHub-Delivery, GitLab's event UUID or idempotency key, or "sha256:<body hash>".
     delivery_id: str
     # X-GitHub-Event or X-Gitlab-Event, as sent.
     event_name: str
@@ -81,7 +81,7 @@ class Trigger:
     # Login of the user who caused the event: the pusher, or the PR author on GitHub.
     # On GitLab merge requests this is the user who opened or updated the MR.
     author: str = ""
-    # Forge user id of `author`; for GitLab merge requests, of the MR author.
+    # Forge user id of `author`. On GitLab merge requests it is the MR author's id.
     author_id: int | None = None
     fork: bool = False
     # Repository the head commit comes from (the fork for fork PRs). None when GitHub
@@ -148,9 +148,9 @@ class NewComment:
     author_id: int | None
     author_is_bot: bool
     body: str
-    # GitHub's OWNER, MEMBER, COLLABORATOR, CONTRIBUTOR, NONE...; None on GitLab.
+    # GitHub's author association (OWNER, MEMBER, COLLABORATOR, NONE...). None on GitLab.
     author_association: str | None = None
-    # The MR's head commit; GitLab sends it, GitHub does not (fetch the PR).
+    # The MR's head commit. GitLab sends it but GitHub does not, so fetch the PR there.
     head_sha: str | None = None
     installation_id: int | None = None
     project_id: int | None = None
@@ -158,7 +158,7 @@ class NewComment:
 
 @dataclass(frozen=True)
 class Intent:
-    """What the service should do with a delivery, and why.
+    """The action the service should take for a delivery, with the reason.
 
     `start` carries `trigger`, `comment` carries `comment`, `cancel_ref` carries `ref`,
     `cancel_pr` carries `pr_number`. An `ignore` of a label change on a PR/MR also
@@ -188,7 +188,7 @@ def _type_name(value: Any) -> str:
 
 
 class Fields:
-    """Read access to a decoded JSON object that checks types and knows its path.
+    """Read access to a decoded JSON object that checks types and tracks its path.
 
     Every failed read raises `PayloadError` naming the full path of the value, so no
     KeyError or TypeError escapes a parser.
@@ -233,7 +233,7 @@ class Fields:
         return value
 
     def flag(self, key: str, default: bool) -> bool:
-        """Read a boolean; absent or null gives `default`."""
+        """Read a boolean, or return `default` when the value is absent or null."""
         value: bool | None = self._optional(key, bool, "a boolean")
         return default if value is None else value
 
@@ -245,7 +245,7 @@ class Fields:
         return None if value is None else Fields(value, self.where(key))
 
     def child_list(self, key: str) -> list[Fields]:
-        """Read an array of objects; absent or null gives an empty list."""
+        """Read an array of objects, or return [] when the value is absent or null."""
         items: list[Any] | None = self._optional(key, list, "an array")
         children = []
         for index, item in enumerate(items or []):
@@ -298,7 +298,7 @@ def decode_body(body: bytes, content_type: str | None) -> dict[str, Any]:
 
 
 def ref_name(ref: str) -> tuple[Literal["branch", "tag"] | None, str]:
-    """Split a full ref into its kind and short name; other refs give (None, ref)."""
+    """Split a full ref into its kind and short name, or return (None, ref) for other refs."""
     if ref.startswith("refs/heads/"):
         return "branch", ref.removeprefix("refs/heads/")
     if ref.startswith("refs/tags/"):

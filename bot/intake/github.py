@@ -106,7 +106,7 @@ def parse_delivery(body: bytes, headers: Mapping[str, str], *, secret: str) -> D
 
 
 def classify(delivery: Delivery, *, bot_logins: Collection[str] = ()) -> Intent:
-    """Decide what a GitHub delivery asks for.
+    """Classify a GitHub delivery into the Intent the service acts on.
 
     `bot_logins` are logins whose comments count as a bot's (KubeCI's own account, for
     instance), besides accounts GitHub marks as bots. Raises PayloadError naming the
@@ -199,7 +199,7 @@ def _push_reason(fields: Fields, kind: str, name: str, before: str | None) -> st
 
 
 def _repository_identity(repo: Fields) -> object:
-    # Ids survive renames; fall back to the name when a payload omits the id.
+    # Ids survive renames, so compare them, and fall back to the name when one is absent.
     repo_id = repo.optional_integer("id")
     return repo_id if repo_id is not None else repo.text("full_name")
 

@@ -1,7 +1,7 @@
 """GitLab webhook parsing: bytes and headers in, a `Delivery` and an `Intent` out.
 
 No I/O happens here. GitLab sends the configured secret in plain text in
-`X-Gitlab-Token`; it is compared in constant time before the body is decoded.
+`X-Gitlab-Token`, and the parser compares it in constant time before decoding the body.
 Payload shapes: https://docs.gitlab.com/ee/user/project/integrations/webhook_events.html
 """
 
@@ -101,7 +101,7 @@ def parse_delivery(body: bytes, headers: Mapping[str, str], *, secret: str) -> D
 
 
 def classify(delivery: Delivery, *, bot_logins: Collection[str] = ()) -> Intent:
-    """Decide what a GitLab delivery asks for.
+    """Classify a GitLab delivery into the Intent the service acts on.
 
     The body's `object_kind` decides, because system hooks send `X-Gitlab-Event:
     System Hook` for every kind. `bot_logins` are usernames whose comments count as a
@@ -252,6 +252,19 @@ def _is_bot(username: str, bot_logins: Collection[str]) -> bool:
     return username.lower() in {name.lower() for name in bot_logins}
 
 
+def _note_action(attributes: Fields) -> str:
+    action = attributes.optional_text("action")
+    if action is not None:
+        return action
+    # Some GitLab versions send note hooks for edits too but no `action` field. An
+    # edited note has an `updated_at` later than its `created_at`.
+    created_at = attributes.optional_text("created_at")
+    updated_at = attributes.optional_text("updated_at")
+    if created_at and updated_at and created_at != updated_at:
+        return "update"
+    return "create"
+
+
 def _classify_note(fields: Fields, bot_logins: Collection[str]) -> Intent:
     attributes = fields.child("object_attributes")
     repository, project_id = _project(fields)
@@ -261,9 +274,7 @@ def _classify_note(fields: Fields, bot_logins: Collection[str]) -> Intent:
         return Intent("ignore", f"comment on {what}", repository)
     merge_request = fields.child("merge_request")
     iid = merge_request.integer("iid")
-    # Older GitLab versions send no action; their note hooks fire on creation only.
-    action = attributes.optional_text("action") or "create"
-    if action != "create":
+    if _note_action(attributes) != "create":
         return Intent("ignore", "edited comment", repository, pr_number=iid)
     if attributes.flag("system", default=False):
         return Intent("ignore", "system note", repository, pr_number=iid)
