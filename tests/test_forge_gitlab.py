@@ -326,7 +326,7 @@ async def test_forbidden_is_auth_error(gitlab_fake: FakeGitLab, client: GitLabCl
 
 async def test_slow_request_times_out(gitlab_fake: FakeGitLab) -> None:
     client = make_client(gitlab_fake, timeout_s=0.2)
-    gitlab_fake.script("merge_requests.get", Scripted(delay_s=1.0))
+    gitlab_fake.script("merge_requests.get", Scripted(delay_s=0.5))
     with pytest.raises(ForgeConnectionError) as caught:
         await client.get_merge_request(PROJECT, 3)
     assert caught.value.status is None
@@ -335,7 +335,7 @@ async def test_slow_request_times_out(gitlab_fake: FakeGitLab) -> None:
 
 async def test_slow_operation_hits_call_timeout(gitlab_fake: FakeGitLab) -> None:
     client = make_client(gitlab_fake, timeout_s=5.0, call_timeout_s=0.2)
-    gitlab_fake.script("notes.list", Scripted(delay_s=1.0))
+    gitlab_fake.script("notes.list", Scripted(delay_s=0.5))
     with pytest.raises(ForgeConnectionError, match="timed out"):
         await client.list_notes(PROJECT, 3)
     client.close()
