@@ -24,6 +24,11 @@ from bot.store.db import create_pool, migrate
 from bot.store.embedded import EmbeddedPostgres
 
 # KUBECI_TEST_LOCAL_DSN points the probe elsewhere (a closed port forces a throwaway server).
+pytest_plugins = [
+    "tests.fakes.fixtures",
+    "tests.fakes.fixtures_outbound",
+]
+
 LOCAL_SERVER_DSN = os.environ.get(
     "KUBECI_TEST_LOCAL_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
 )

@@ -12,8 +12,6 @@ import pytest
 from tests.fakes.target import Callback, FakeTarget, Reply
 from tests.harness import Harness, fast_settings, running_core
 
-pytest_plugins = ["tests.fakes.fixtures_outbound"]
-
 
 @pytest.fixture
 async def core(db: asyncpg.Pool, database_dsn: str) -> AsyncIterator[Harness]:

@@ -15,8 +15,6 @@ from bot.net.http import make_session
 from tests.fakes.target import FakeTarget, Reply, StubResolver, guard_tripwire
 from tests.harness import fast_settings, running_core
 
-pytest_plugins = ["tests.fakes.fixtures_outbound"]
-
 SLOW_TASK = """
 jobs:
   - name: build

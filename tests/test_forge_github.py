@@ -30,8 +30,6 @@ from bot.forges.models import truncate_text
 from tests.fakes import Scripted, fixtures
 from tests.fakes.github import FakeGitHub
 
-fake_github = fixtures.fake_github
-github_app_key = fixtures.github_app_key
 
 REPO = "octo-org/widgets"
 SHA = "c" * 40

@@ -15,10 +15,8 @@ from bot.forges.errors import (
     ForgeServerError,
 )
 from bot.forges.gitlab import GitLabClient
-from tests.fakes import Scripted, fixtures
+from tests.fakes import Scripted
 from tests.fakes.gitlab import FakeGitLab
-
-fake_gitlab = fixtures.fake_gitlab
 
 PROJECT = 42
 PATH = "acme/widgets"

@@ -23,8 +23,6 @@ from bot.net.http import (
 )
 from tests.fakes.target import FakeTarget, Reply, StubResolver, guard_tripwire
 
-pytest_plugins = ["tests.fakes.fixtures_outbound"]
-
 METADATA_NAMES = {
     "metadata.test": ["169.254.169.254"],
     "metadata6.test": ["fd00:ec2::254"],

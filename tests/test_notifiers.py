@@ -25,8 +25,6 @@ from bot.outbox import OutboxSender, RetryPolicy, enqueue_rows
 from pipelines_schema.models import Notifier
 from tests.fakes.target import FakeTarget, Reply
 
-pytest_plugins = ["tests.fakes.fixtures_outbound"]
-
 SECRET = "xoxb-very-secret-token"
 LABELS = {"repository": "acme/web", "sha": "abc1234def5678", "branch": "main"}
 RUN: RunRef = {"id": 7, "url": "http://ci.test/runs/7"}

@@ -11,8 +11,6 @@ import pytest
 from tests.fakes.target import FakeTarget, Reply
 from tests.harness import Harness, fast_settings, running_core
 
-pytest_plugins = ["tests.fakes.fixtures_outbound"]
-
 PIPELINE = """
 jobs:
   - name: build
@@ -54,9 +52,11 @@ async def test_run_page_shows_tasks_and_logs(core: Harness, fake_target: FakeTar
 async def test_run_page_json(core: Harness, fake_target: FakeTarget) -> None:
     run_id = await core.start_run(PIPELINE, {"target": fake_target.base_url})
     assert await core.wait_run(run_id) == "succeeded"
-    async with aiohttp.ClientSession() as session:
-        async with session.get(core.engine.run_url(run_id) + ".json") as response:
-            data = await response.json()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(core.engine.run_url(run_id) + ".json") as response,
+    ):
+        data = await response.json()
     assert data["state"] == "succeeded"
     assert data["jobs"][0]["steps"][0]["tasks"][0]["name"] == "unit"
     assert "spec" not in data["jobs"][0]

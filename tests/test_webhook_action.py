@@ -15,8 +15,6 @@ from bot.config import Settings
 from bot.net.http import TRUNCATION_MARKER, make_session
 from tests.fakes.target import Callback, FakeTarget, Reply, StubResolver, guard_tripwire
 
-pytest_plugins = ["tests.fakes.fixtures_outbound"]
-
 SECRET = "hunter2-secret-value"
 
 
