@@ -30,7 +30,6 @@ from bot.forges.models import truncate_text
 from tests.fakes import Scripted, fixtures
 from tests.fakes.github import FakeGitHub
 
-
 REPO = "octo-org/widgets"
 SHA = "c" * 40
 APP_ID = "4242"
