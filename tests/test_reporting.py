@@ -426,6 +426,9 @@ async def test_summary_comment_edited_in_place(
     assert body.startswith(SUMMARY_MARKER)
     assert "`bbbbbbb`" in body
     assert "| [build](" + run_url + ") | succeeded |" in body
+    # One refresh row per transaction: each run's start, and its job and run completion.
+    refreshes = await db.fetchval("SELECT count(*) FROM outbox WHERE kind = 'github.comment'")
+    assert refreshes == 4
 
 
 async def test_summary_comment_shows_failure_excerpt(
@@ -498,25 +501,28 @@ async def test_summary_refresh_without_change_skipped(
 # GitHub App check runs
 
 
-async def test_app_mode_check_run_completed(
-    db: asyncpg.Pool,
-    database_dsn: str,
-    fake_github: FakeGitHub,
-    fake_target: FakeTarget,
-    github_app_key: RsaKeyPair,
-    tmp_path: Path,
-) -> None:
+@pytest.fixture
+def app_settings(
+    database_dsn: str, fake_github: FakeGitHub, github_app_key: RsaKeyPair, tmp_path: Path
+) -> Settings:
+    """Settings of KubeCI as a GitHub App installed on the test repository."""
     fake_github.set_app(APP_ID, github_app_key.public_pem)
     fake_github.add_installation(INSTALLATION, REPO)
     key_file = tmp_path / "app.pem"
     key_file.write_text(github_app_key.private_pem)
-    settings = forge_settings(
+    return forge_settings(
         database_dsn,
         fake_github,
         github_token="",
         github_app_id=APP_ID,
         github_private_key_file=str(key_file),
     )
+
+
+async def test_app_mode_check_run_completed(
+    db: asyncpg.Pool, app_settings: Settings, fake_github: FakeGitHub, fake_target: FakeTarget
+) -> None:
+    settings = app_settings
     fake_target.script("/unit", Reply(status=400, body="boom: disk full"))
     async with reporting_core(db, settings) as core:
         run_id = await run_to_end(
@@ -568,6 +574,28 @@ async def test_config_error_status_and_comment(
     for problem in problems:
         assert f".kubeci.yml:{problem.line}:{problem.column}: " in comment["body"]
     assert "### KubeCI: invalid pipeline file" in comment["body"]
+
+
+async def test_config_error_check_run_in_app_mode(
+    db: asyncpg.Pool, app_settings: Settings, fake_github: FakeGitHub
+) -> None:
+    problems = validate_text(BROKEN_PIPELINE)
+    trigger = FakeTrigger("github", REPO, SHA, None, {"installation_id": INSTALLATION})
+    async with db.acquire() as conn, conn.transaction():
+        await enqueue_config_error(conn, trigger, problems, None, settings=app_settings)
+    forges = ForgeClients(app_settings)
+    try:
+        await drain_sender(db, app_settings, forges).drain_once()
+    finally:
+        await forges.close()
+    assert fake_github.statuses == []
+    (check_run,) = fake_github.check_runs.values()
+    assert check_run["name"] == "kubeci/config"
+    assert check_run["conclusion"] == "failure"
+    assert check_run["output"]["title"] == problems[0].format()
+    for problem in problems:
+        assert problem.format() in check_run["output"]["text"]
+    assert fake_github.comments == {}
 
 
 async def test_config_error_then_run_replaces_comment(

@@ -8,6 +8,7 @@ chat-ops (replies, reactions, summary refreshes).
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
@@ -30,8 +31,10 @@ from bot.reporting.texts import code_block, short_sha, shorten, status_descripti
 from bot.store.db import Connection
 from pipelines_schema.problems import Problem
 
+log = logging.getLogger(__name__)
+
 CONFIG_CONTEXT = "kubeci/config"
-# Check run titles and summaries are shown in one line in GitHub's checks list.
+# Longest check run title KubeCI writes: the length of a GitHub status description.
 CHECK_TITLE_MAX_CHARS = 140
 
 # True when the current transaction already inserted a pending row for this sink key.
@@ -272,7 +275,12 @@ async def enqueue_config_error(
     target = Target.of(trigger_like.forge, trigger_like.repository, trigger_like.source())
     sha = trigger_like.sha
     first = problems[0].format() if problems else "the pipeline file is invalid"
-    if target.forge == "github" and settings.github_app_id:
+    if not sha:
+        log.warning(
+            "invalid pipeline file not reported: the trigger has no commit SHA",
+            extra={"repository": target.repository},
+        )
+    elif target.forge == "github" and settings.github_app_id:
         await add_check_run(conn, target, _config_check_run(target, sha, problems, first, run_url))
     else:
         await add_status(

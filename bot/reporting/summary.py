@@ -24,9 +24,9 @@ from pipelines_schema.problems import Problem
 
 MARKER = "<!-- kubeci:summary -->"
 COMMENT_EXCERPT = Excerpt(max_lines=20, max_chars=2000)
-# Room for the failure details and problem lists; the rest is on the run page. GitHub
-# stores at most 65,536 characters per comment.
-DETAILS_MAX_CHARS = 50_000
+# Room for the job table with the failure details, and for problem lists. The rest is
+# on the run page. GitHub stores at most 65,536 characters per comment.
+RUN_SECTION_MAX_CHARS = 60_000
 PROBLEMS_MAX_CHARS = 50_000
 
 
@@ -196,7 +196,7 @@ def _run_section(run: RunSummary, base_url: str, *, heading: bool) -> str:
     parts.append(
         f"Commit `{short_sha(run.sha)}`, run [{run.run_id}]({run_url(run.run_id)})."
         if run.jobs
-        else f"Commit `{short_sha(run.sha)}`: no job's rules matched, so nothing ran."
+        else f"Commit `{short_sha(run.sha)}`: the run has no jobs."
     )
     if run.jobs:
         rows = ["| Job | State | Duration |", "| --- | --- | --- |"]
@@ -206,11 +206,12 @@ def _run_section(run: RunSummary, base_url: str, *, heading: bool) -> str:
                 duration = "running"
             rows.append(f"| [{job.name}]({run_url(job.run_id)}) | {job.state} | {duration} |")
         parts.append("\n".join(rows))
-    parts.extend(_failure_details(run.jobs, run_url(run.run_id)))
+    room_chars = RUN_SECTION_MAX_CHARS - sum(len(part) for part in parts)
+    parts.extend(_failure_details(run.jobs, run_url(run.run_id), room_chars))
     return "\n\n".join(parts)
 
 
-def _failure_details(jobs: Sequence[JobLine], page_url: str) -> list[str]:
+def _failure_details(jobs: Sequence[JobLine], page_url: str, max_chars: int) -> list[str]:
     sections: list[str] = []
     used_chars = 0
     for job in jobs:
@@ -221,7 +222,7 @@ def _failure_details(jobs: Sequence[JobLine], page_url: str) -> list[str]:
             if task.log_tail:
                 blocks.append(f"`{task.step}/{task.task}`:\n\n{code_block(task.log_tail)}")
         section = "\n\n".join(blocks)
-        if used_chars + len(section) > DETAILS_MAX_CHARS:
+        if used_chars + len(section) > max_chars:
             sections.append(f"More failures are on the [run page]({page_url}).")
             break
         sections.append(section)
