@@ -19,13 +19,15 @@ from bot.config import Settings
 from bot.engine.core import Engine
 from bot.engine.events import EventHook
 from bot.engine.worker import Worker
+from bot.forges.clients import ForgeClients
+from bot.intake.service import Intake
 from bot.net.secrets import SecretStore
 from bot.net.sinks import Sink
 from bot.notifiers import notifier_sinks
 from bot.outbox.sender import OutboxSender
 from bot.store.db import create_pool, migrate
 from bot.store.embedded import EmbeddedPostgres
-from bot.web import callbacks, health, metrics, runs
+from bot.web import callbacks, health, metrics, runs, webhooks
 from bot.web.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,8 @@ class Services:
     worker: Worker
     sender: OutboxSender
     secrets: SecretStore
+    forges: ForgeClients = field(kw_only=True)
+    intake: Intake = field(kw_only=True)
     embedded: EmbeddedPostgres | None = None
     metrics: Metrics = field(default_factory=Metrics)
     background: list[asyncio.Task[None]] = field(default_factory=list)
@@ -56,8 +60,12 @@ class Services:
     async def stop_background(self, grace_s: float = 10.0) -> None:
         await self.worker.stop(grace_s)
         self.sender.stop()
-        for task in self.background:
-            task.cancel()
+        # Once stopped, both loops end by themselves and release their LISTEN
+        # connections. Cancelling a loop while it opens that connection would leak it.
+        if self.background:
+            _, still_running = await asyncio.wait(self.background, timeout=grace_s)
+            for task in still_running:
+                task.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)
         self.background = []
 
@@ -101,20 +109,36 @@ async def build_services(
     )
     sinks: dict[str, Sink] = {**notifier_sinks(settings, secrets=secrets), **(extra_sinks or {})}
     sender = OutboxSender(pool, sinks, worker.worker_id, mask=secrets.mask)
-    return Services(settings, pool, engine, worker, sender, secrets, embedded)
+    forges = ForgeClients(settings)
+    service_metrics = Metrics()
+    intake = Intake(pool, engine, forges, settings, service_metrics)
+    return Services(
+        settings,
+        pool,
+        engine,
+        worker,
+        sender,
+        secrets,
+        forges=forges,
+        intake=intake,
+        embedded=embedded,
+        metrics=service_metrics,
+    )
 
 
 async def close_services(services: Services) -> None:
     await services.stop_background()
+    await services.forges.close()
     await services.pool.close()
     if services.embedded is not None:
         await asyncio.to_thread(services.embedded.stop)
 
 
 def create_app(services: Services, *, routes: Sequence[Any] = ()) -> web.Application:
-    """The aiohttp application; `routes` adds feature routers (webhook intake, run pages)."""
+    """Build the aiohttp application; each of `routes` adds further routes to it."""
     app = web.Application(client_max_size=services.settings.max_body_bytes)
     app[SERVICES_KEY] = services
+    webhooks.add_routes(app, services.intake)
     callbacks.add_routes(app, services.engine, services.pool)
     health.add_routes(app, services.pool)
     runs.add_routes(app, services.pool)

@@ -18,10 +18,13 @@ from bot.config import Settings
 from bot.engine.core import Engine, RunRequest
 from bot.engine.events import EventHook
 from bot.engine.worker import Worker
+from bot.forges.clients import ForgeClients
+from bot.intake.service import CommentHandler, ConfigErrorCallback, Intake, TrustPolicy
 from bot.net.secrets import SecretStore
 from bot.net.sinks import Sink
 from bot.notifiers import notifier_sinks
 from bot.outbox.sender import OutboxSender, RetryPolicy
+from bot.web.metrics import Metrics
 from pipelines_schema.loader import load_pipeline
 
 FAST_RETRY = RetryPolicy(max_attempts=4, initial_s=0.05, factor=2.0, max_s=0.2)
@@ -39,6 +42,15 @@ class Harness:
     @property
     def engine(self) -> Engine:
         return self.services.engine
+
+    @property
+    def intake(self) -> Intake:
+        return self.services.intake
+
+    @property
+    def base_url(self) -> str:
+        """Base URL of the served application, on the port actually bound."""
+        return self.engine.settings.callback_base_url
 
     async def start_run(
         self, pipeline_yaml: str, labels: Mapping[str, Any] | None = None, **request: Any
@@ -126,8 +138,15 @@ async def running_core(
     sinks: Mapping[str, Sink] | None = None,
     routes: list[Any] | None = None,
     start_worker: bool = True,
+    trust_policy: TrustPolicy | None = None,
+    comment_handler: CommentHandler | None = None,
+    on_config_error: ConfigErrorCallback | None = None,
 ) -> AsyncIterator[Harness]:
-    """Serve the app on a free port and run a worker and an outbox sender against `pool`."""
+    """Serve the app on a free port and run a worker and an outbox sender against `pool`.
+
+    The webhook intake reads pipeline files through forge clients built from `settings`
+    (point `github_api_url` and `gitlab_url` at the fakes).
+    """
     secrets = SecretStore.from_settings(settings)
     engine = Engine(settings, hooks=hooks or [])
     worker = Worker(
@@ -143,13 +162,38 @@ async def running_core(
     sender = OutboxSender(
         pool, all_sinks, worker.worker_id, retry=FAST_RETRY, poll_interval_s=0.1, mask=secrets.mask
     )
-    services = Services(settings, pool, engine, worker, sender, secrets)
+    forges = ForgeClients(settings)
+    metrics = Metrics()
+    intake = Intake(
+        pool,
+        engine,
+        forges,
+        settings,
+        metrics,
+        trust_policy=trust_policy,
+        comment_handler=comment_handler,
+        on_config_error=on_config_error,
+    )
+    services = Services(
+        settings,
+        pool,
+        engine,
+        worker,
+        sender,
+        secrets,
+        forges=forges,
+        intake=intake,
+        metrics=metrics,
+    )
     app = create_app(services, routes=routes or [])
-    async with serving(app, settings.host, 0) as port:
-        engine.settings = with_bound_port(settings, port)
-        if start_worker:
-            await services.start_background()
-        try:
-            yield Harness(services)
-        finally:
-            await services.stop_background(grace_s=1.0)
+    try:
+        async with serving(app, settings.host, 0) as port:
+            engine.settings = with_bound_port(settings, port)
+            if start_worker:
+                await services.start_background()
+            try:
+                yield Harness(services)
+            finally:
+                await services.stop_background(grace_s=1.0)
+    finally:
+        await forges.close()
