@@ -20,15 +20,18 @@ from bot.engine.core import Engine
 from bot.engine.events import EventHook
 from bot.engine.worker import Worker
 from bot.forges.clients import ForgeClients
-from bot.intake.service import Intake
+from bot.intake.events import Trigger
+from bot.intake.service import ConfigErrorCallback, Intake
 from bot.net.secrets import SecretStore
 from bot.net.sinks import Sink
 from bot.notifiers import notifier_sinks
 from bot.outbox.sender import OutboxSender
-from bot.store.db import create_pool, migrate
+from bot.reporting import Reporter, enqueue_config_error, forge_sinks
+from bot.store.db import Connection, create_pool, migrate
 from bot.store.embedded import EmbeddedPostgres
 from bot.web import callbacks, health, metrics, runs, webhooks
 from bot.web.metrics import Metrics
+from pipelines_schema.problems import Problem
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +91,17 @@ async def open_database(settings: Settings) -> tuple[asyncpg.Pool, EmbeddedPostg
     return pool, embedded
 
 
+def config_error_reporter(settings: Settings) -> ConfigErrorCallback:
+    """Report an invalid pipeline file as a failed `kubeci/config` status and comment."""
+
+    async def report(
+        conn: Connection, trigger: Trigger, problems: list[Problem], run_url: str | None
+    ) -> None:
+        await enqueue_config_error(conn, trigger, problems, run_url, settings=settings)
+
+    return report
+
+
 async def build_services(
     settings: Settings,
     *,
@@ -96,7 +110,8 @@ async def build_services(
 ) -> Services:
     pool, embedded = await open_database(settings)
     secrets = SecretStore.from_settings(settings)
-    engine = Engine(settings, hooks=hooks)
+    forges = ForgeClients(settings)
+    engine = Engine(settings, hooks=[Reporter(settings).on_event, *hooks])
     worker = Worker(
         pool,
         engine,
@@ -107,11 +122,21 @@ async def build_services(
         lease_s=settings.lease_s,
         poll_interval_s=settings.poll_interval_s,
     )
-    sinks: dict[str, Sink] = {**notifier_sinks(settings, secrets=secrets), **(extra_sinks or {})}
+    sinks: dict[str, Sink] = {
+        **notifier_sinks(settings, secrets=secrets),
+        **forge_sinks(pool, forges, settings),
+        **(extra_sinks or {}),
+    }
     sender = OutboxSender(pool, sinks, worker.worker_id, mask=secrets.mask)
-    forges = ForgeClients(settings)
     service_metrics = Metrics()
-    intake = Intake(pool, engine, forges, settings, service_metrics)
+    intake = Intake(
+        pool,
+        engine,
+        forges,
+        settings,
+        service_metrics,
+        on_config_error=config_error_reporter(settings),
+    )
     return Services(
         settings,
         pool,

@@ -13,7 +13,7 @@ import asyncpg
 
 from bot.actions.base import Action
 from bot.actions.registry import build_actions
-from bot.app import Services, create_app, serving, with_bound_port
+from bot.app import Services, config_error_reporter, create_app, serving, with_bound_port
 from bot.config import Settings
 from bot.engine.core import Engine, RunRequest
 from bot.engine.events import EventHook
@@ -24,6 +24,7 @@ from bot.net.secrets import SecretStore
 from bot.net.sinks import Sink
 from bot.notifiers import notifier_sinks
 from bot.outbox.sender import OutboxSender, RetryPolicy
+from bot.reporting import Reporter, forge_sinks
 from bot.web.metrics import Metrics
 from pipelines_schema.loader import load_pipeline
 
@@ -141,14 +142,23 @@ async def running_core(
     trust_policy: TrustPolicy | None = None,
     comment_handler: CommentHandler | None = None,
     on_config_error: ConfigErrorCallback | None = None,
+    reporting: bool = False,
 ) -> AsyncIterator[Harness]:
     """Serve the app on a free port and run a worker and an outbox sender against `pool`.
 
     The webhook intake reads pipeline files through forge clients built from `settings`
-    (point `github_api_url` and `gitlab_url` at the fakes).
+    (point `github_api_url` and `gitlab_url` at the fakes). With `reporting`, runs report
+    to the forges through the outbox as in `kubeci serve`.
     """
     secrets = SecretStore.from_settings(settings)
-    engine = Engine(settings, hooks=hooks or [])
+    forges = ForgeClients(settings)
+    all_hooks = list(hooks or [])
+    all_sinks = {**notifier_sinks(settings, secrets=secrets), **(sinks or {})}
+    if reporting:
+        all_hooks.insert(0, Reporter(settings).on_event)
+        all_sinks.update(forge_sinks(pool, forges, settings))
+        on_config_error = on_config_error or config_error_reporter(settings)
+    engine = Engine(settings, hooks=all_hooks)
     worker = Worker(
         pool,
         engine,
@@ -158,11 +168,9 @@ async def running_core(
         lease_s=settings.lease_s,
         poll_interval_s=settings.poll_interval_s,
     )
-    all_sinks = {**notifier_sinks(settings, secrets=secrets), **(sinks or {})}
     sender = OutboxSender(
         pool, all_sinks, worker.worker_id, retry=FAST_RETRY, poll_interval_s=0.1, mask=secrets.mask
     )
-    forges = ForgeClients(settings)
     metrics = Metrics()
     intake = Intake(
         pool,
