@@ -514,7 +514,6 @@ def dash_file(tmp_path: Path) -> Iterator[Path]:
     yield path
 
 
-@pytest.mark.xfail(strict=True, reason="kubeci validate drops '--' and rejects a '-name' file")
 def test_validate_dash_file_name(dash_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(dash_file.parent)
     assert cli_main(["validate", "--", dash_file.name]) == 0
