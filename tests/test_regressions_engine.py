@@ -230,7 +230,6 @@ async def test_local_nul_output_is_logged(
 # ---- callbacks --------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="deeply nested callback JSON raises RecursionError, 500")
 async def test_callback_deep_json_rejected(core: Harness, fake_target: FakeTarget) -> None:
     fake_target.script("/async", Reply(status=202))
     run_id = await core.start_run(one_task("/async", arguments=ASYNC), target_labels(fake_target))
