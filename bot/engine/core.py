@@ -33,7 +33,7 @@ from bot.engine import rows
 from bot.engine.events import Event, EventHook, RunInfo, Scope, insert_event, run_hooks
 from bot.engine.notify import enqueue_notifiers
 from bot.store.db import Connection, notify
-from pipelines_schema.models import Job, Pipeline, from_dict, to_dict
+from pipelines_schema.models import Job, Pipeline, to_dict
 from pipelines_schema.rules import matches
 
 log = logging.getLogger(__name__)
@@ -205,15 +205,11 @@ class Engine:
 
     # ---- jobs and steps -----------------------------------------------------------------
 
-    async def _pipeline(self, conn: Connection, run_id: int) -> Pipeline:
-        data = await conn.fetchval("SELECT pipeline FROM runs WHERE id = $1", run_id)
-        return from_dict(data)
-
     async def _start_job(self, conn: Connection, run: RunInfo, job_id: int) -> None:
         job = await rows.lock_job(conn, job_id)
         if job["state"] != "pending":
             return
-        rule = (await self._pipeline(conn, run.id)).jobs[job["position"]].rules
+        rule = (await rows.fetch_job_model(conn, run.id, job["position"])).rules
         if not matches(rule, run.labels):
             await rows.set_state(conn, "jobs", job_id, "skipped", message="rules did not match")
             await conn.execute("UPDATE steps SET state = 'skipped' WHERE job_id = $1", job_id)
@@ -240,8 +236,7 @@ class Engine:
         """Start the first step at or after `position` whose rules match."""
         job = await conn.fetchrow("SELECT * FROM jobs WHERE id = $1", job_id)
         assert job is not None
-        pipeline = await self._pipeline(conn, run.id)
-        steps = pipeline.jobs[job["position"]].steps
+        steps = (await rows.fetch_job_model(conn, run.id, job["position"])).steps
         while position < len(steps) and not matches(steps[position].rules, run.labels):
             step = await rows.fetch_step_at(conn, job_id, position)
             assert step is not None

@@ -7,6 +7,7 @@ from typing import Any
 import asyncpg
 
 from bot.store.db import Connection
+from pipelines_schema.models import Job, from_dict
 
 ACTIVE_STATES = ("pending", "running")
 FINAL_STATES = ("succeeded", "failed", "cancelled", "skipped")
@@ -20,12 +21,31 @@ async def lock_job(conn: Connection, job_id: int) -> asyncpg.Record:
     return row
 
 
+# Every column of `runs` but `pipeline`: that document grows with the pipeline, and
+# decoding it on each state change made a run's cost grow with the square of its tasks.
+RUN_COLUMNS = (
+    "id, created_at, started_at, finished_at, state, forge, repository, sha, ref, pr_number,"
+    " trusted, labels, source, delivery_pk, message"
+)
+
+
 async def fetch_run(conn: Connection, run_id: int, *, lock: bool = False) -> asyncpg.Record:
-    sql = "SELECT * FROM runs WHERE id = $1" + (" FOR UPDATE" if lock else "")
+    """Return the run's row without its pipeline document (see `fetch_job_model`)."""
+    sql = f"SELECT {RUN_COLUMNS} FROM runs WHERE id = $1" + (" FOR UPDATE" if lock else "")
     row = await conn.fetchrow(sql, run_id)
     if row is None:
         raise LookupError(f"run {run_id} does not exist")
     return row
+
+
+async def fetch_job_model(conn: Connection, run_id: int, position: int) -> Job:
+    """The job at `position` of the run's stored pipeline, read without the other jobs."""
+    data = await conn.fetchval(
+        "SELECT pipeline->'jobs'->$2::int FROM runs WHERE id = $1", run_id, position
+    )
+    if data is None:
+        raise LookupError(f"run {run_id} has no job at position {position}")
+    return from_dict({"jobs": [data]}).jobs[0]
 
 
 async def fetch_step(conn: Connection, step_id: int) -> asyncpg.Record:
