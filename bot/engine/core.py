@@ -323,6 +323,15 @@ class Engine:
         ids = await rows.attempt_owner_ids(conn, attempt_id)
         if ids is None:
             return False
+        # Completions of one job queue on its lock: read what does not change before it.
+        run = await self.run_info(conn, ids["run_id"])
+        step_scope = Scope(
+            run=run,
+            job_id=ids["job_id"],
+            job=ids["job_name"],
+            step_id=ids["step_id"],
+            step=ids["step_name"],
+        )
         await rows.lock_job(conn, ids["job_id"])
         attempt = await conn.fetchrow("SELECT * FROM attempts WHERE id = $1 FOR UPDATE", attempt_id)
         assert attempt is not None
@@ -349,8 +358,7 @@ class Engine:
         task = await rows.fetch_task(conn, ids["task_id"])
         if task["state"] != "running":
             return True  # the task was cancelled or ended already; the attempt is only recorded
-        run = await self.run_info(conn, ids["run_id"])
-        scope = self._task_scope(await self._step_scope(conn, run, ids["step_id"]), task)
+        scope = self._task_scope(step_scope, task)
         if state == "cancelled":
             await self._end_task(conn, scope, task, "cancelled", result.message)
             return True
@@ -455,7 +463,7 @@ class Engine:
             )
 
     async def _decide_step_by_default(self, conn: Connection, run: RunInfo, step_id: int) -> None:
-        tasks = await rows.fetch_step_tasks(conn, step_id)
+        tasks = await rows.fetch_step_outcomes(conn, step_id)
         attached = [task for task in tasks if not task["detached"]]
         if any(task["state"] in rows.ACTIVE_STATES for task in attached):
             return

@@ -74,12 +74,29 @@ async def fetch_step_tasks(conn: Connection, step_id: int) -> list[asyncpg.Recor
     )
 
 
+async def fetch_step_outcomes(conn: Connection, step_id: int) -> list[asyncpg.Record]:
+    """Name, state, detached and allow_failure of a step's tasks: what decides the step.
+
+    Runs on every task's end, so it leaves out `spec`, whose decoding would cost as much
+    as the step has tasks.
+    """
+    return list(
+        await conn.fetch(
+            "SELECT name, state, detached, allow_failure FROM tasks WHERE step_id = $1"
+            " ORDER BY position",
+            step_id,
+        )
+    )
+
+
 async def attempt_owner_ids(conn: Connection, attempt_id: int) -> asyncpg.Record | None:
-    """Return the task, step, job and run ids of an attempt (no lock)."""
+    """Return the task, step, job and run ids of an attempt, with the step's and job's
+    names (no lock)."""
     return await conn.fetchrow(
-        "SELECT a.id, a.task_id, t.step_id, s.job_id, t.run_id"
+        "SELECT a.id, a.task_id, t.step_id, s.job_id, t.run_id, s.name AS step_name,"
+        " j.name AS job_name"
         " FROM attempts a JOIN tasks t ON t.id = a.task_id JOIN steps s ON s.id = t.step_id"
-        " WHERE a.id = $1",
+        " JOIN jobs j ON j.id = s.job_id WHERE a.id = $1",
         attempt_id,
     )
 
