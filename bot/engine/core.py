@@ -267,7 +267,10 @@ class Engine:
                 continue
             await self._start_task(conn, scope, task)
             started += 1
-        if started == 0:
+        if started:
+            # One wake-up per step: Postgres would fold a notification per task into one.
+            await notify(conn, "attempts")
+        else:
             await self._decide_step(conn, run, step["id"], "succeeded", decided_by="default")
 
     async def _start_task(self, conn: Connection, step_scope: Scope, task: asyncpg.Record) -> None:
@@ -278,7 +281,6 @@ class Engine:
         )
         scope = self._task_scope(step_scope, task)
         await self._emit(conn, scope, "started", task["spec"].get("notifiers", ()), state="running")
-        await notify(conn, "attempts")
 
     @staticmethod
     def _task_scope(step_scope: Scope, task: asyncpg.Record) -> Scope:
