@@ -30,8 +30,14 @@ RUN_COLUMNS = (
 
 
 async def fetch_run(conn: Connection, run_id: int, *, lock: bool = False) -> asyncpg.Record:
-    """Return the run's row without its pipeline document (see `fetch_job_model`)."""
-    sql = f"SELECT {RUN_COLUMNS} FROM runs WHERE id = $1" + (" FOR UPDATE" if lock else "")
+    """Return the run's row without its pipeline document (see `fetch_job_model`).
+
+    `lock` takes FOR NO KEY UPDATE: it serialises the run's outcome, but unlike FOR UPDATE
+    it does not wait for the FOR KEY SHARE locks that inserting an event (a foreign key
+    to the run) takes. With FOR UPDATE, two jobs of one run that ended at once deadlocked:
+    each held the key-share lock of its events and waited for the other's.
+    """
+    sql = f"SELECT {RUN_COLUMNS} FROM runs WHERE id = $1" + (" FOR NO KEY UPDATE" if lock else "")
     row = await conn.fetchrow(sql, run_id)
     if row is None:
         raise LookupError(f"run {run_id} does not exist")
