@@ -164,7 +164,7 @@ def create_app(services: Services, *, routes: Sequence[Any] = ()) -> web.Applica
     app = web.Application(client_max_size=services.settings.max_body_bytes)
     app[SERVICES_KEY] = services
     webhooks.add_routes(app, services.intake)
-    callbacks.add_routes(app, services.engine, services.pool)
+    callbacks.add_routes(app, services.engine, services.pool, services.secrets.mask)
     health.add_routes(app, services.pool)
     runs.add_routes(app, services.pool)
     metrics.add_routes(app, services.pool, services.metrics)

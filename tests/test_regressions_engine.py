@@ -526,7 +526,6 @@ def test_run_non_utf8_label(db: asyncpg.Pool, database_dsn: str, dash_file: Path
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the first kubeci run stops a Postgres others still use")
 def test_embedded_server_outlives_first_user() -> None:
     # A folder every user can reach, so that a root test run keeps the data in it.
     folder = Path(tempfile.mkdtemp(prefix="kubeci-break-"))
@@ -544,7 +543,15 @@ def test_embedded_server_outlives_first_user() -> None:
             await conn.close()
 
         asyncio.run(connect())
+        second.stop()
+        assert _running_port_of(folder / "postgres") is None
     finally:
-        first._started_here = True
         first.stop()
+        second.stop()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _running_port_of(data_dir: Path) -> int | None:
+    from bot.store.embedded import _running_port
+
+    return _running_port(data_dir)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -19,6 +20,7 @@ import asyncpg
 from bot.actions.base import AttemptResult
 from bot.engine.core import Engine
 from bot.store.db import Connection
+from bot.store.text import clean_text
 
 log = logging.getLogger(__name__)
 
@@ -67,25 +69,31 @@ def parse_callback_body(body: Any) -> CallbackReport:
 
 
 async def complete_by_callback(
-    engine: Engine, pool: asyncpg.Pool, token: str, report: CallbackReport
+    engine: Engine,
+    pool: asyncpg.Pool,
+    token: str,
+    report: CallbackReport,
+    mask: Callable[[str], str],
 ) -> int | None:
     """Complete the attempt that `token` belongs to; return its id, or None if the token
-    is unknown, used or expired (nothing is changed then)."""
+    is unknown, used or expired, or the attempt's deadline has passed (nothing is
+    changed then). `mask` hides secret values that the caller's message repeats."""
     async with pool.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(
             "SELECT c.attempt_id FROM callbacks c JOIN attempts a ON a.id = c.attempt_id"
             " WHERE c.token_hash = $1 AND c.used_at IS NULL AND c.expires_at > now()"
-            " AND a.state IN ('running', 'waiting')",
+            " AND a.state IN ('running', 'waiting') AND a.deadline_at > now()",
             hash_token(token),
         )
         if row is None:
             return None
         attempt_id = int(row["attempt_id"])
+        message = clean_text(mask(report.message))
         if report.succeeded:
-            result = AttemptResult.success(report.message or "the callback reported success")
+            result = AttemptResult.success(message or "the callback reported success")
         else:
             result = AttemptResult.failure(
-                report.message or "the callback reported failure", retryable=True
+                message or "the callback reported failure", retryable=True
             )
         done = await engine.complete_attempt(conn, attempt_id, result)
         if not done:

@@ -13,6 +13,8 @@ import asyncpg
 from bot.actions.base import AttemptContext
 from bot.engine.callbacks import issue_token
 from bot.net.secrets import SecretNotFound
+from bot.store.db import DB_ERRORS
+from bot.store.text import clean_text
 from pipelines_schema.placeholders import MissingValue, render
 
 log = logging.getLogger(__name__)
@@ -131,7 +133,7 @@ class LogWriter:
     async def append(self, source: str, text: str) -> None:
         if self.truncated or not text:
             return
-        text = self.secrets.mask(text)
+        text = clean_text(self.secrets.mask(text))
         size = len(text.encode("utf-8", "replace"))
         truncated = self.size_bytes + size > MAX_LOG_BYTES_PER_ATTEMPT
         if truncated:
@@ -140,14 +142,19 @@ class LogWriter:
             text += f"\n[log truncated at {MAX_LOG_BYTES_PER_ATTEMPT} bytes]\n"
             self.truncated = True
         self.size_bytes += size
-        async with self.pool.acquire() as conn:
-            await conn.execute(
-                "INSERT INTO logs (attempt_id, source, content, truncated) VALUES ($1, $2, $3, $4)",
-                self.attempt_id,
-                source,
-                text,
-                truncated,
-            )
+        try:
+            async with self.pool.acquire() as conn:
+                await conn.execute(
+                    "INSERT INTO logs (attempt_id, source, content, truncated)"
+                    " VALUES ($1, $2, $3, $4)",
+                    self.attempt_id,
+                    clean_text(source),
+                    text,
+                    truncated,
+                )
+        except DB_ERRORS as exc:
+            # Logs are best effort: losing a line must not fail a task whose work succeeded.
+            log.warning("storing a log line failed: %s", exc, extra={"attempt_id": self.attempt_id})
 
 
 async def build_context(

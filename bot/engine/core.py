@@ -17,8 +17,8 @@ Outcome rules:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import random
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,7 +32,9 @@ from bot.config import Settings
 from bot.engine import rows
 from bot.engine.events import Event, EventHook, RunInfo, Scope, insert_event, run_hooks
 from bot.engine.notify import enqueue_notifiers
+from bot.net.http import backoff_delay_s
 from bot.store.db import Connection, notify
+from bot.store.text import clean_text
 from pipelines_schema.models import Job, Pipeline, to_dict
 from pipelines_schema.rules import matches
 
@@ -58,17 +60,37 @@ class RunRequest:
     only_jobs: Sequence[str] | None = None
 
 
-def backoff_delay_s(attempt_number: int, backoff: dict[str, Any]) -> float:
-    """Delay before attempt `attempt_number + 1`: exponential, capped, with equal jitter.
+# Upper bounds on the wait before a retry, so a huge backoff or Retry-After can neither
+# overflow a timestamp nor park a task for years.
+MAX_RETRY_AFTER_S = 3600.0
+MAX_RETRY_DELAY_S = 7 * 24 * 3600.0
 
-    Equal jitter keeps at least half of the exponential delay, so retries never bunch up
-    at zero, and spreads the other half at random.
-    """
-    initial_s = float(backoff.get("initial_s", 5.0))
-    factor = float(backoff.get("factor", 2.0))
-    max_s = float(backoff.get("max_s", 300.0))
-    delay_s = min(max_s, initial_s * factor ** max(0, attempt_number - 1))
-    return delay_s / 2 + random.uniform(0, delay_s / 2)
+
+def retry_delay_s(
+    attempt_number: int, backoff: dict[str, Any], retry_after_s: float | None
+) -> float:
+    """Delay before attempt `attempt_number + 1`: the task's backoff with equal jitter,
+    at least the target's Retry-After (at most MAX_RETRY_AFTER_S), and never more than
+    MAX_RETRY_DELAY_S."""
+    delay_s = backoff_delay_s(
+        attempt_number,
+        float(backoff.get("initial_s", 5.0)),
+        float(backoff.get("factor", 2.0)),
+        float(backoff.get("max_s", 300.0)),
+    )
+    if retry_after_s is not None:
+        delay_s = max(delay_s, min(retry_after_s, MAX_RETRY_AFTER_S))
+    return min(delay_s, MAX_RETRY_DELAY_S)
+
+
+def storable(result: AttemptResult) -> AttemptResult:
+    """Return `result` with texts Postgres can store (no NUL, no lone surrogates)."""
+    excerpt = result.response_excerpt
+    return dataclasses.replace(
+        result,
+        message=clean_text(result.message),
+        response_excerpt=clean_text(excerpt) if excerpt is not None else None,
+    )
 
 
 class Engine:
@@ -325,6 +347,7 @@ class Engine:
         ids = await rows.attempt_owner_ids(conn, attempt_id)
         if ids is None:
             return False
+        result = storable(result)
         # Completions of one job queue on its lock: read what does not change before it.
         run = await self.run_info(conn, ids["run_id"])
         step_scope = Scope(
@@ -394,9 +417,8 @@ class Engine:
         if not can_retry:
             await self._end_task(conn, scope, task, "failed", result.message)
             return
-        delay_s = backoff_delay_s(attempt["number"], task["spec"].get("backoff", {}))
-        if result.retry_after_s is not None:
-            delay_s = max(delay_s, result.retry_after_s)
+        backoff = task["spec"].get("backoff", {})
+        delay_s = retry_delay_s(attempt["number"], backoff, result.retry_after_s)
         number = task["attempts"] + 1
         await conn.execute("UPDATE tasks SET attempts = $2 WHERE id = $1", task["id"], number)
         await conn.execute(

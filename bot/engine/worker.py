@@ -31,8 +31,8 @@ from bot.engine.context import (
     SecretSource,
     build_context,
 )
-from bot.engine.core import Engine
-from bot.store.db import WAKE_CHANNEL
+from bot.engine.core import Engine, storable
+from bot.store.db import DB_ERRORS, WAKE_CHANNEL
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,11 @@ SET state = 'running',
     deadline_at = coalesce(a.deadline_at, now() + t.timeout_s * interval '1 second')
 FROM due, tasks t
 WHERE a.id = due.id AND t.id = a.task_id
-RETURNING a.id, due.old_state
+RETURNING a.id, due.old_state, a.cancel_requested
 """
+
+# How long an action's `cancel` may take to clean up after a cancelled attempt.
+CANCEL_CLEAN_UP_S = 60.0
 
 HEARTBEAT_SQL = """
 UPDATE attempts SET lease_expires_at = now() + $3::interval
@@ -171,7 +174,7 @@ class Worker:
     async def _listen(self) -> None:
         try:
             conn = await self.pool.acquire()
-        except (OSError, asyncpg.PostgresError) as exc:
+        except DB_ERRORS as exc:
             log.warning("LISTEN failed, polling only: %s", exc, extra=self.log_extra)
             return
         try:
@@ -179,7 +182,7 @@ class Worker:
         except BaseException as exc:
             # Cancellation included: the connection must go back to the pool.
             await self.pool.release(conn)
-            if not isinstance(exc, OSError | asyncpg.PostgresError):
+            if not isinstance(exc, DB_ERRORS):
                 raise
             log.warning("LISTEN failed, polling only: %s", exc, extra=self.log_extra)
             return
@@ -187,7 +190,7 @@ class Worker:
 
     async def _unlisten(self) -> None:
         if self._listener is not None:
-            with contextlib.suppress(OSError, asyncpg.PostgresError):
+            with contextlib.suppress(*DB_ERRORS):
                 await self._listener.remove_listener(WAKE_CHANNEL, self._on_notify)
             await self.pool.release(self._listener)
             self._listener = None
@@ -210,8 +213,10 @@ class Worker:
             if free > 0:
                 try:
                     claimed = await self.claim_and_start(free)
-                except (OSError, asyncpg.PostgresError) as exc:
+                except DB_ERRORS as exc:
                     log.warning("claiming attempts failed: %s", exc, extra=self.log_extra)
+                except Exception:  # the claim loop must outlive a bug in one round
+                    log.exception("claiming attempts raised", extra=self.log_extra)
             if claimed and claimed == free:
                 continue
             self._wake.clear()
@@ -229,7 +234,10 @@ class Worker:
                 log.info(
                     "recovered attempt with an expired lease", extra={"attempt_id": attempt_id}
                 )
-            task = asyncio.create_task(self._run_attempt(attempt_id, recovered))
+            if row["cancel_requested"]:
+                task = asyncio.create_task(self._clean_up_cancelled(attempt_id))
+            else:
+                task = asyncio.create_task(self._run_attempt(attempt_id, recovered))
             self.inflight[attempt_id] = task
             task.add_done_callback(functools.partial(self._finished, attempt_id))
         return len(claimed)
@@ -263,17 +271,60 @@ class Worker:
             result = AttemptResult.failure("cancelled")
             await self._complete(attempt_id, result, cancelled=True)
             return
+        except DB_ERRORS as exc:
+            # The lease runs out and another worker (or this one) runs the attempt again.
+            log.warning("loading the attempt failed: %s", exc, extra=extra)
+            return
         if result.outcome == "parked":
             await self._park(attempt_id, result)
             return
         log.info("attempt %s: %s", result.outcome, result.message, extra=extra)
         await self._complete(attempt_id, result)
 
-    async def _execute(self, attempt_id: int, recovered: bool) -> AttemptResult:
+    async def _clean_up_cancelled(self, attempt_id: int) -> None:
+        """End an attempt whose task was cancelled while no process ran it.
+
+        The attempt was recovered from a dead process's lease; the action's `cancel`
+        removes what that process left behind (a Kubernetes Job, say) without running
+        the attempt again.
+        """
+        extra = {"attempt_id": attempt_id, **self.log_extra}
+        try:
+            row = await self._load(attempt_id, recovered=True)
+            action = self.actions.get(row["action"])
+            if action is not None:
+                ctx = await self._context(row, action)
+                async with asyncio.timeout(CANCEL_CLEAN_UP_S):
+                    await action.cancel(ctx)
+        except (PlaceholderError, TimeoutError) as exc:
+            log.warning("cleaning up a cancelled attempt failed: %s", exc, extra=extra)
+        except DB_ERRORS as exc:
+            log.warning("loading a cancelled attempt failed: %s", exc, extra=extra)
+            return
+        except Exception:  # a cleanup bug must not keep the attempt running forever
+            log.exception("cleaning up a cancelled attempt raised", extra=extra)
+        await self._complete(attempt_id, AttemptResult.failure("cancelled"), cancelled=True)
+
+    async def _load(self, attempt_id: int, *, recovered: bool) -> AttemptRow:
         async with self.pool.acquire() as conn:
             record = await conn.fetchrow(CLAIMED_ATTEMPT_SQL, attempt_id)
         assert record is not None
-        row = AttemptRow(record=dict(record), recovered=recovered)
+        return AttemptRow(record=dict(record), recovered=recovered)
+
+    async def _context(self, row: AttemptRow, action: Action) -> AttemptContext:
+        return await build_context(
+            self.pool,
+            row,
+            uses_callback=action.uses_callback,
+            secrets=self.secrets,
+            callback_base_url=self.engine.settings.callback_base_url,
+            run_url=self.engine.run_url(row["run_id"]),
+            owner=self.worker_id,
+            extra=self.action_extra,
+        )
+
+    async def _execute(self, attempt_id: int, recovered: bool) -> AttemptResult:
+        row = await self._load(attempt_id, recovered=recovered)
         action = self.actions.get(row["action"])
         if action is None:
             return AttemptResult.failure(
@@ -282,16 +333,7 @@ class Worker:
         if row["deadline_at"] <= row["db_now"]:
             return AttemptResult.failure(f"timed out after {row['timeout_s']:g} s")
         try:
-            ctx = await build_context(
-                self.pool,
-                row,
-                uses_callback=action.uses_callback,
-                secrets=self.secrets,
-                callback_base_url=self.engine.settings.callback_base_url,
-                run_url=self.engine.run_url(row["run_id"]),
-                owner=self.worker_id,
-                extra=self.action_extra,
-            )
+            ctx = await self._context(row, action)
         except PlaceholderError as exc:
             return AttemptResult.failure(str(exc), retryable=False)
         self._contexts[attempt_id] = ctx
@@ -319,7 +361,7 @@ class Worker:
                         conn, attempt_id, result, owner=self.worker_id, cancelled=cancelled
                     )
                 return
-            except (OSError, asyncpg.PostgresError) as exc:
+            except DB_ERRORS as exc:
                 log.warning(
                     "recording the outcome failed, retrying: %s",
                     exc,
@@ -329,6 +371,7 @@ class Worker:
         log.error("could not record the outcome", extra={"attempt_id": attempt_id})
 
     async def _park(self, attempt_id: int, result: AttemptResult) -> None:
+        result = storable(result)
         async with self.pool.acquire() as conn:
             await conn.execute(
                 "UPDATE attempts SET state = 'waiting', lease_owner = NULL,"
@@ -351,7 +394,7 @@ class Worker:
     async def _heartbeat_once(self) -> None:
         try:
             await self.heartbeat()
-        except (OSError, asyncpg.PostgresError) as exc:
+        except DB_ERRORS as exc:
             log.warning("heartbeat failed: %s", exc, extra=self.log_extra)
 
     async def heartbeat(self) -> None:
@@ -375,7 +418,7 @@ class Worker:
             await asyncio.sleep(self.poll_interval_s)
             try:
                 await self.sweep()
-            except (OSError, asyncpg.PostgresError) as exc:
+            except DB_ERRORS as exc:
                 log.warning("deadline sweep failed: %s", exc, extra=self.log_extra)
 
     async def sweep(self) -> int:

@@ -27,13 +27,13 @@ from asyncpg.pool import PoolConnectionProxy
 
 from bot.net.http import backoff_delay_s
 from bot.net.sinks import OutboxInsert, OutboxRow, Sink, SinkOutcome, SinkState, payload_hash
-from bot.store.db import WAKE_CHANNEL
+from bot.store.db import DB_ERRORS, WAKE_CHANNEL
 
 log = logging.getLogger(__name__)
 
 WAKE_TOPIC = "outbox"
 # Errors of a lost or closing database connection (asyncpg timeouts are OSErrors).
-_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+_DB_ERRORS = DB_ERRORS
 
 _CLAIM = """
 WITH due AS (

@@ -12,6 +12,16 @@ from asyncpg.pool import PoolConnectionProxy
 
 log = logging.getLogger(__name__)
 
+# Errors that mean "the database did not answer this time": a loop that meets one logs
+# it and tries again later. InternalClientError and InterfaceError are what asyncpg
+# raises on a connection whose server process was terminated mid-query.
+DB_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
+
 # A connection as code receives it: opened directly, or acquired from a pool.
 Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
 

@@ -13,6 +13,8 @@ folder is moved to `/var/lib/kubeci/postgres`.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import hashlib
 import importlib.util
@@ -23,8 +25,10 @@ import shutil
 import socket
 import stat
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 log = logging.getLogger(__name__)
 
@@ -222,14 +226,22 @@ def _running_port(data_dir: Path) -> int | None:
 
 
 class EmbeddedPostgres:
-    """Initialise (once), start and stop a private Postgres server in `data_dir`."""
+    """Initialise (once), start and stop a private Postgres server in `data_dir`.
+
+    Several KubeCI processes may use one data folder at once. Each holds a shared
+    `flock` on `<data_dir>.lock` while it uses the server; the last one to stop (the one
+    that gets that lock exclusively) stops the server, whoever started it. A server left
+    running by a killed process is adopted the same way. Starting and stopping are
+    serialised by an exclusive lock on `<data_dir>.start.lock`, so a process never
+    reuses a server that another is stopping.
+    """
 
     def __init__(self, data_dir: Path) -> None:
         self.user = _pick_user()
         self.data_dir = self._choose_data_dir(data_dir)
         self.bin_dir: Path | None = None
         self.port: int | None = None
-        self._started_here = False
+        self._lock_file: TextIO | None = None
 
     def _choose_data_dir(self, data_dir: Path) -> Path:
         if self.user is None or _reachable_by(data_dir.parent, self.user):
@@ -249,6 +261,27 @@ class EmbeddedPostgres:
     def start(self) -> str:
         """Start the server (initialising the data folder the first time); return its DSN."""
         self.bin_dir = find_binaries(self.user)
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        with self._start_lock():
+            self._lock_file = self._lock_path("lock").open("a")
+            fcntl.flock(self._lock_file, fcntl.LOCK_SH)
+            try:
+                return self._start_locked()
+            except BaseException:
+                self._release_lock()
+                raise
+
+    def _lock_path(self, suffix: str) -> Path:
+        return self.data_dir.with_name(f"{self.data_dir.name}.{suffix}")
+
+    @contextlib.contextmanager
+    def _start_lock(self) -> Iterator[None]:
+        with self._lock_path("start.lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def _start_locked(self) -> str:
+        assert self.bin_dir is not None
         self._prepare_data_dir()
         running = _running_port(self.data_dir)
         if running is not None:
@@ -279,7 +312,6 @@ class EmbeddedPostgres:
             raise EmbeddedPostgresError(
                 f"pg_ctl start failed for {self.data_dir}: {result.stderr.strip()} {tail}"
             )
-        self._started_here = True
         log.info(
             "embedded Postgres started: data in %s, listening on 127.0.0.1:%d, binaries %s",
             self.data_dir,
@@ -321,10 +353,29 @@ class EmbeddedPostgres:
             )
         log.info("initialised a new Postgres data folder in %s", self.data_dir)
 
+    def _release_lock(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
     def stop(self) -> None:
-        """Stop the server if this object started it."""
-        if not self._started_here or self.bin_dir is None:
+        """Stop using the server, and stop the server itself if no other process uses it."""
+        if self._lock_file is None or self.bin_dir is None:
             return
+        with self._start_lock():
+            try:
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("embedded Postgres left running: another KubeCI process uses it")
+                self._release_lock()
+                return
+            try:
+                self._stop_server()
+            finally:
+                self._release_lock()
+
+    def _stop_server(self) -> None:
+        assert self.bin_dir is not None
         result = _run(
             [str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w", "stop"],
             self.user,
@@ -334,7 +385,6 @@ class EmbeddedPostgres:
             log.warning("pg_ctl stop failed for %s: %s", self.data_dir, result.stderr.strip())
         else:
             log.info("embedded Postgres stopped (%s)", self.data_dir)
-        self._started_here = False
 
 
 def _tail(path: Path, lines: int = 5) -> str:

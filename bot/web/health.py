@@ -8,9 +8,12 @@ import logging
 import asyncpg
 from aiohttp import web
 
+from bot.store.db import DB_ERRORS
+
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 2.0
+READY_ERRORS: tuple[type[BaseException], ...] = (*DB_ERRORS, TimeoutError)
 
 
 def add_routes(app: web.Application, pool: asyncpg.Pool) -> None:
@@ -21,7 +24,7 @@ def add_routes(app: web.Application, pool: asyncpg.Pool) -> None:
         try:
             async with asyncio.timeout(READY_TIMEOUT_S), pool.acquire() as conn:
                 await conn.fetchval("SELECT 1")
-        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        except READY_ERRORS as exc:
             log.warning("readiness check failed: %s", exc)
             return web.json_response({"status": "database unreachable"}, status=503)
         return web.json_response({"status": "ready"})

@@ -18,6 +18,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from bot.store.db import DB_ERRORS
+
 log = logging.getLogger(__name__)
 
 
@@ -75,7 +77,7 @@ def add_routes(app: web.Application, pool: asyncpg.Pool, metrics: Metrics) -> No
     async def handle(_request: web.Request) -> web.Response:
         try:
             await metrics.refresh(pool)
-        except (OSError, asyncpg.PostgresError) as exc:
+        except DB_ERRORS as exc:
             log.warning("metrics: database gauges not refreshed: %s", exc)
         body = generate_latest(metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
