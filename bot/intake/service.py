@@ -631,7 +631,7 @@ class Intake:
     def _count(self, forge: str, result: IntakeResult, headers: Mapping[str, str]) -> None:
         # Only authenticated requests may name the event, so that unauthenticated ones
         # cannot grow the metric's label set.
-        event = str(result.body.get("event") or "unknown")
+        event = _clean_text(str(result.body.get("event") or "unknown"))
         if result.status in (401, 404, 413):
             event = "unknown"
         forge_label = forge if forge in _SECRET_VARIABLES else "unknown"

@@ -213,7 +213,7 @@ def add_routes(app: web.Application, pool: asyncpg.Pool) -> None:
 def _parse_run_id(raw: str) -> tuple[int, bool]:
     as_json = raw.endswith(".json")
     digits = raw.removesuffix(".json")
-    if not digits.isdigit() or len(digits) > 18:
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > 18:
         raise web.HTTPNotFound(text=f"invalid run id {raw!r}; run ids are whole numbers")
     return int(digits), as_json
 
