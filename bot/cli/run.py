@@ -41,6 +41,12 @@ def parse_labels(items: list[str]) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise LabelError(f"invalid label {item!r}; write it as KEY=VALUE, e.g. branch=main")
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError:
+            raise LabelError(
+                f"label {key!r} is not valid UTF-8; pass its value as UTF-8 text"
+            ) from None
         labels[key.strip()] = value
     return labels
 
