@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -43,7 +44,10 @@ def main() -> int:
             "--label",
             f"target=http://127.0.0.1:{port}",
         ]
-        return subprocess.call(command, cwd=HERE.parent)
+        # The local backend runs kubernetes_job tasks as local processes, even on a
+        # machine that has a kubeconfig.
+        env = {**os.environ, "KUBECI_BACKEND": "local"}
+        return subprocess.call(command, cwd=HERE.parent, env=env)
     finally:
         target.terminate()
         target.wait(timeout=10)

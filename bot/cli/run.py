@@ -258,6 +258,9 @@ async def _run_with_services(
                     only_jobs=jobs or None,
                 ),
             )
+        if services.embedded is not None:
+            where = services.embedded.data_dir
+            print(f"{_clock()} database: embedded Postgres, data in {where}", file=out)
         print(f"{_clock()} run {run_id} started: {services.engine.run_url(run_id)}", file=out)
         await services.start_background()
         printer = ProgressPrinter(services.pool, run_id, out)

@@ -1,6 +1,6 @@
 """Single-use callback tokens that let a webhook target or a pod complete its attempt.
 
-A token holds 256 random bits and is stored only as its SHA-256. It is valid while its
+A token contains 256 random bits and is stored only as its SHA-256. It is valid while its
 attempt is running or parked and before its expiry; completing the attempt (by any
 means) uses up every token of that attempt.
 """

