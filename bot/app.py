@@ -19,14 +19,19 @@ from bot.config import Settings
 from bot.engine.core import Engine
 from bot.engine.events import EventHook
 from bot.engine.worker import Worker
+from bot.forges.clients import ForgeClients
+from bot.intake.events import Trigger
+from bot.intake.service import ConfigErrorCallback, Intake
 from bot.net.secrets import SecretStore
 from bot.net.sinks import Sink
 from bot.notifiers import notifier_sinks
 from bot.outbox.sender import OutboxSender
-from bot.store.db import create_pool, migrate
+from bot.reporting import Reporter, enqueue_config_error, forge_sinks
+from bot.store.db import Connection, create_pool, migrate
 from bot.store.embedded import EmbeddedPostgres
-from bot.web import callbacks, health, metrics, runs
+from bot.web import callbacks, health, metrics, runs, webhooks
 from bot.web.metrics import Metrics
+from pipelines_schema.problems import Problem
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,8 @@ class Services:
     worker: Worker
     sender: OutboxSender
     secrets: SecretStore
+    forges: ForgeClients = field(kw_only=True)
+    intake: Intake = field(kw_only=True)
     embedded: EmbeddedPostgres | None = None
     metrics: Metrics = field(default_factory=Metrics)
     background: list[asyncio.Task[None]] = field(default_factory=list)
@@ -56,8 +63,12 @@ class Services:
     async def stop_background(self, grace_s: float = 10.0) -> None:
         await self.worker.stop(grace_s)
         self.sender.stop()
-        for task in self.background:
-            task.cancel()
+        # Once stopped, both loops end by themselves and release their LISTEN
+        # connections. Cancelling a loop while it opens that connection would leak it.
+        if self.background:
+            _, still_running = await asyncio.wait(self.background, timeout=grace_s)
+            for task in still_running:
+                task.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)
         self.background = []
 
@@ -80,6 +91,17 @@ async def open_database(settings: Settings) -> tuple[asyncpg.Pool, EmbeddedPostg
     return pool, embedded
 
 
+def config_error_reporter(settings: Settings) -> ConfigErrorCallback:
+    """Report an invalid pipeline file as a failed `kubeci/config` status and comment."""
+
+    async def report(
+        conn: Connection, trigger: Trigger, problems: list[Problem], run_url: str | None
+    ) -> None:
+        await enqueue_config_error(conn, trigger, problems, run_url, settings=settings)
+
+    return report
+
+
 async def build_services(
     settings: Settings,
     *,
@@ -88,7 +110,8 @@ async def build_services(
 ) -> Services:
     pool, embedded = await open_database(settings)
     secrets = SecretStore.from_settings(settings)
-    engine = Engine(settings, hooks=hooks)
+    forges = ForgeClients(settings)
+    engine = Engine(settings, hooks=[Reporter(settings).on_event, *hooks])
     worker = Worker(
         pool,
         engine,
@@ -99,22 +122,48 @@ async def build_services(
         lease_s=settings.lease_s,
         poll_interval_s=settings.poll_interval_s,
     )
-    sinks: dict[str, Sink] = {**notifier_sinks(settings, secrets=secrets), **(extra_sinks or {})}
+    sinks: dict[str, Sink] = {
+        **notifier_sinks(settings, secrets=secrets),
+        **forge_sinks(pool, forges, settings),
+        **(extra_sinks or {}),
+    }
     sender = OutboxSender(pool, sinks, worker.worker_id, mask=secrets.mask)
-    return Services(settings, pool, engine, worker, sender, secrets, embedded)
+    service_metrics = Metrics()
+    intake = Intake(
+        pool,
+        engine,
+        forges,
+        settings,
+        service_metrics,
+        on_config_error=config_error_reporter(settings),
+    )
+    return Services(
+        settings,
+        pool,
+        engine,
+        worker,
+        sender,
+        secrets,
+        forges=forges,
+        intake=intake,
+        embedded=embedded,
+        metrics=service_metrics,
+    )
 
 
 async def close_services(services: Services) -> None:
     await services.stop_background()
+    await services.forges.close()
     await services.pool.close()
     if services.embedded is not None:
         await asyncio.to_thread(services.embedded.stop)
 
 
 def create_app(services: Services, *, routes: Sequence[Any] = ()) -> web.Application:
-    """The aiohttp application; `routes` adds feature routers (webhook intake, run pages)."""
+    """Build the aiohttp application; each of `routes` adds further routes to it."""
     app = web.Application(client_max_size=services.settings.max_body_bytes)
     app[SERVICES_KEY] = services
+    webhooks.add_routes(app, services.intake)
     callbacks.add_routes(app, services.engine, services.pool)
     health.add_routes(app, services.pool)
     runs.add_routes(app, services.pool)

@@ -13,15 +13,19 @@ import asyncpg
 
 from bot.actions.base import Action
 from bot.actions.registry import build_actions
-from bot.app import Services, create_app, serving, with_bound_port
+from bot.app import Services, config_error_reporter, create_app, serving, with_bound_port
 from bot.config import Settings
 from bot.engine.core import Engine, RunRequest
 from bot.engine.events import EventHook
 from bot.engine.worker import Worker
+from bot.forges.clients import ForgeClients
+from bot.intake.service import CommentHandler, ConfigErrorCallback, Intake, TrustPolicy
 from bot.net.secrets import SecretStore
 from bot.net.sinks import Sink
 from bot.notifiers import notifier_sinks
 from bot.outbox.sender import OutboxSender, RetryPolicy
+from bot.reporting import Reporter, forge_sinks
+from bot.web.metrics import Metrics
 from pipelines_schema.loader import load_pipeline
 
 FAST_RETRY = RetryPolicy(max_attempts=4, initial_s=0.05, factor=2.0, max_s=0.2)
@@ -39,6 +43,15 @@ class Harness:
     @property
     def engine(self) -> Engine:
         return self.services.engine
+
+    @property
+    def intake(self) -> Intake:
+        return self.services.intake
+
+    @property
+    def base_url(self) -> str:
+        """Base URL of the served application, on the port actually bound."""
+        return self.engine.settings.callback_base_url
 
     async def start_run(
         self, pipeline_yaml: str, labels: Mapping[str, Any] | None = None, **request: Any
@@ -126,10 +139,26 @@ async def running_core(
     sinks: Mapping[str, Sink] | None = None,
     routes: list[Any] | None = None,
     start_worker: bool = True,
+    trust_policy: TrustPolicy | None = None,
+    comment_handler: CommentHandler | None = None,
+    on_config_error: ConfigErrorCallback | None = None,
+    reporting: bool = False,
 ) -> AsyncIterator[Harness]:
-    """Serve the app on a free port and run a worker and an outbox sender against `pool`."""
+    """Serve the app on a free port and run a worker and an outbox sender against `pool`.
+
+    The webhook intake reads pipeline files through forge clients built from `settings`
+    (point `github_api_url` and `gitlab_url` at the fakes). With `reporting`, runs report
+    to the forges through the outbox as in `kubeci serve`.
+    """
     secrets = SecretStore.from_settings(settings)
-    engine = Engine(settings, hooks=hooks or [])
+    forges = ForgeClients(settings)
+    all_hooks = list(hooks or [])
+    all_sinks = {**notifier_sinks(settings, secrets=secrets), **(sinks or {})}
+    if reporting:
+        all_hooks.insert(0, Reporter(settings).on_event)
+        all_sinks.update(forge_sinks(pool, forges, settings))
+        on_config_error = on_config_error or config_error_reporter(settings)
+    engine = Engine(settings, hooks=all_hooks)
     worker = Worker(
         pool,
         engine,
@@ -139,17 +168,40 @@ async def running_core(
         lease_s=settings.lease_s,
         poll_interval_s=settings.poll_interval_s,
     )
-    all_sinks = {**notifier_sinks(settings, secrets=secrets), **(sinks or {})}
     sender = OutboxSender(
         pool, all_sinks, worker.worker_id, retry=FAST_RETRY, poll_interval_s=0.1, mask=secrets.mask
     )
-    services = Services(settings, pool, engine, worker, sender, secrets)
+    metrics = Metrics()
+    intake = Intake(
+        pool,
+        engine,
+        forges,
+        settings,
+        metrics,
+        trust_policy=trust_policy,
+        comment_handler=comment_handler,
+        on_config_error=on_config_error,
+    )
+    services = Services(
+        settings,
+        pool,
+        engine,
+        worker,
+        sender,
+        secrets,
+        forges=forges,
+        intake=intake,
+        metrics=metrics,
+    )
     app = create_app(services, routes=routes or [])
-    async with serving(app, settings.host, 0) as port:
-        engine.settings = with_bound_port(settings, port)
-        if start_worker:
-            await services.start_background()
-        try:
-            yield Harness(services)
-        finally:
-            await services.stop_background(grace_s=1.0)
+    try:
+        async with serving(app, settings.host, 0) as port:
+            engine.settings = with_bound_port(settings, port)
+            if start_worker:
+                await services.start_background()
+            try:
+                yield Harness(services)
+            finally:
+                await services.stop_background(grace_s=1.0)
+    finally:
+        await forges.close()

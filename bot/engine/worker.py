@@ -108,13 +108,14 @@ class Worker:
 
     async def run(self) -> None:
         """Claim and run attempts until stop() is called."""
-        await self._listen()
-        log.info("worker started (concurrency %d)", self.concurrency, extra=self.log_extra)
-        loops = [
-            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
-            asyncio.create_task(self._sweep_loop(), name="sweep"),
-        ]
+        loops: list[asyncio.Task[None]] = []
         try:
+            await self._listen()
+            log.info("worker started (concurrency %d)", self.concurrency, extra=self.log_extra)
+            loops = [
+                asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+                asyncio.create_task(self._sweep_loop(), name="sweep"),
+            ]
             await self._claim_loop()
         finally:
             for loop in loops:
@@ -155,11 +156,20 @@ class Worker:
 
     async def _listen(self) -> None:
         try:
-            self._listener = await self.pool.acquire()
-            await self._listener.add_listener(WAKE_CHANNEL, self._on_notify)
+            conn = await self.pool.acquire()
         except (OSError, asyncpg.PostgresError) as exc:
             log.warning("LISTEN failed, polling only: %s", exc, extra=self.log_extra)
-            self._listener = None
+            return
+        try:
+            await conn.add_listener(WAKE_CHANNEL, self._on_notify)
+        except BaseException as exc:
+            # Cancellation included: the connection must go back to the pool.
+            await self.pool.release(conn)
+            if not isinstance(exc, OSError | asyncpg.PostgresError):
+                raise
+            log.warning("LISTEN failed, polling only: %s", exc, extra=self.log_extra)
+            return
+        self._listener = conn
 
     async def _unlisten(self) -> None:
         if self._listener is not None:

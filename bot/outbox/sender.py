@@ -225,8 +225,9 @@ class OutboxSender:
     async def run(self) -> None:
         """Deliver rows until `stop()` is called; wake on NOTIFY, else poll."""
         log.info("outbox sender started", extra={"worker_id": self._worker_id})
-        listener = await self._listen()
+        listener = None
         try:
+            listener = await self._listen()
             while not self._stopping.is_set():
                 self._wake.clear()
                 try:
@@ -352,9 +353,12 @@ class OutboxSender:
             return None
         try:
             await conn.add_listener(WAKE_CHANNEL, self._on_notify)
-        except _DB_ERRORS:
-            log.warning("cannot LISTEN for new outbox rows; polling only", exc_info=True)
+        except BaseException as exc:
+            # Cancellation included: the connection must go back to the pool.
             await self._pool.release(conn)
+            if not isinstance(exc, _DB_ERRORS):
+                raise
+            log.warning("cannot LISTEN for new outbox rows; polling only", exc_info=True)
             return None
         return conn
 
