@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 FORGE_BUDGET_S = 6.0
 RUN_COMMANDS = frozenset({"retest", "test", "ok-to-test"})
 REACTIONS = {"github": "+1", "gitlab": "thumbsup"}
+DEADLOCK_ATTEMPTS = 3
 
 
 @dataclass
@@ -93,7 +94,6 @@ class ChatOps:
         engine: Engine,
         forges: ForgeClients,
         settings: Settings,
-        pipelines: PipelineLoader,
         *,
         forge_budget_s: float = FORGE_BUDGET_S,
     ) -> None:
@@ -101,7 +101,7 @@ class ChatOps:
         self.engine = engine
         self.forges = forges
         self.settings = settings
-        self.pipelines = pipelines
+        self.pipelines = PipelineLoader(forges)
         self.forge_budget_s = forge_budget_s
 
     async def handle_comment(self, comment: NewComment, delivery_pk: int) -> dict[str, Any]:
@@ -121,8 +121,7 @@ class ChatOps:
             plan = await self._plan_within_budget(comment, commands)
         except (ForgeError, ConfigError) as exc:
             return await self._report_forge_failure(comment, exc)
-        async with self.pool.acquire() as conn, conn.transaction():
-            outcome = await self._apply(conn, plan, delivery_pk)
+        outcome = await self._apply_retrying_deadlocks(plan, delivery_pk)
         log.info(
             "comment %d: %s accepted, %d refused, %d unknown; runs %s, cancelled %s",
             comment.comment_id,
@@ -190,6 +189,29 @@ class ChatOps:
         return {"chatops": {"outcome": "forge_unavailable", "error": str(exc)}}
 
     # ---- phase 2: one transaction -------------------------------------------------------
+
+    async def _apply_retrying_deadlocks(self, plan: Plan, delivery_pk: int) -> Outcome:
+        """Run `_apply` in a transaction, again when Postgres aborts it to break a deadlock.
+
+        NOTE: cancelling runs can deadlock with a worker that ends a job of the same run
+        at that moment, because of the engine's lock order on run and job rows. Postgres
+        aborts one of the two transactions, so a retry succeeds.
+        """
+        for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
+            try:
+                async with self.pool.acquire() as conn, conn.transaction():
+                    return await self._apply(conn, plan, delivery_pk)
+            except asyncpg.DeadlockDetectedError:
+                if attempt == DEADLOCK_ATTEMPTS:
+                    raise
+                log.warning(
+                    "deadlock while acting on comment %d; retrying (attempt %d of %d)",
+                    plan.comment.comment_id,
+                    attempt + 1,
+                    DEADLOCK_ATTEMPTS,
+                    extra=_log_ids(plan.comment),
+                )
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _apply(self, conn: Connection, plan: Plan, delivery_pk: int) -> Outcome:
         outcome = Outcome()
