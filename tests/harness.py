@@ -151,8 +151,8 @@ async def running_core(
     The webhook intake reads pipeline files through forge clients built from `settings`
     (point `github_api_url` and `gitlab_url` at the fakes). With `reporting`, runs report
     to the forges through the outbox as in `kubeci serve`. With `chatops`, comments run
-    commands and untrusted pull requests wait for `/ok-to-test`, as in `kubeci serve`;
-    it needs `reporting` for the replies, statuses and labels to reach the forge.
+    commands and untrusted pull requests wait for `/ok-to-test`, as in `kubeci serve`.
+    Chat-ops replies and statuses reach the forge only with `reporting` as well.
     """
     secrets = SecretStore.from_settings(settings)
     forges = ForgeClients(settings)

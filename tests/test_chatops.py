@@ -692,7 +692,7 @@ async def test_ok_to_test_by_non_writer_refused(
     assert "Only users with write access" in refusal
 
 
-async def test_ok_to_test_by_writer_labels_and_runs_untrusted(
+async def test_ok_to_test_by_writer_runs(
     core: Harness, fake_github: FakeGitHub, fake_target: FakeTarget
 ) -> None:
     await open_pr(core, fake_github, pipeline(fake_target), author="mallory", fork=True)

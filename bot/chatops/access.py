@@ -32,7 +32,7 @@ class ForgeUser:
 
 
 class AccessChecker:
-    """Tells whether users have write access, asking the forge once per user.
+    """Write-access checks that ask the forge once per user.
 
     Build one per comment or per delivery, so that a changed role counts from the
     next event on. Forge failures raise `bot.forges.errors.ForgeError`.

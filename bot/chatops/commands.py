@@ -11,9 +11,10 @@ once the comment's delivery is stored. It works in two phases:
 
 All commands of a comment run. The jobs that `/retest`, `/test` and `/ok-to-test` ask
 for go into one run, and `/cancel` acts before that run starts, so it never cancels
-the run its own comment started. An accepted command gets a reaction. Anything to
-explain (an unknown or refused command, `/help`, nothing to do) goes into exactly one
-reply per comment.
+the run its own comment started. A writer's `/retest` or `/test` also runs a pull
+request that waits for approval, once and without secrets; only `/ok-to-test` lets its
+later pushes run. An accepted command gets a reaction. Anything to explain (an unknown
+or refused command, `/help`, nothing to do) goes into exactly one reply per comment.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from bot.forges.models import PullRequest
 from bot.intake.events import NewComment, Trigger
 from bot.reporting import enqueue_reaction, enqueue_reply, enqueue_status
 from bot.store.db import Connection
+from pipelines_schema.models import Pipeline
 from pipelines_schema.rules import matches
 
 log = logging.getLogger(__name__)
@@ -65,8 +67,8 @@ class Plan:
     pr: PullRequest | None = None
     trigger: Trigger | None = None
     loaded: LoadedPipeline | None = None
-    # Why the pull request is untrusted; None when trusted or not looked up.
-    untrusted_why: str | None = None
+    # The reason the pull request is untrusted, or None when trusted or not looked up.
+    untrusted_reason: str | None = None
 
     def accepts(self, name: str) -> bool:
         return any(command.name == name for command in self.accepted)
@@ -77,7 +79,7 @@ class Plan:
 
 @dataclass
 class Outcome:
-    """What the transaction did for a comment, and what to tell the commenter."""
+    """The effects of a comment's transaction, and the paragraphs of the reply."""
 
     paragraphs: list[str] = field(default_factory=list)
     run_ids: list[int] = field(default_factory=list)
@@ -173,7 +175,7 @@ class ChatOps:
         plan.loaded = await self.pipelines.load(plan.trigger)
         wants_run = any(command.name in RUN_COMMANDS for command in plan.accepted)
         if wants_run and plan.pr.state == "open":
-            plan.untrusted_why = await untrusted_reason(checker, plan.trigger)
+            plan.untrusted_reason = await untrusted_reason(checker, plan.trigger)
         return plan
 
     async def _report_forge_failure(
@@ -253,7 +255,8 @@ class ChatOps:
     async def _run_commands(
         self, conn: Connection, plan: Plan, outcome: Outcome, delivery_pk: int
     ) -> None:
-        assert plan.pr is not None and plan.trigger is not None and plan.loaded is not None
+        assert plan.pr is not None
+        assert plan.loaded is not None
         if plan.pr.state != "open":
             outcome.paragraphs.append(
                 f"This pull request is {plan.pr.state}, so KubeCI starts no runs for it."
@@ -261,39 +264,55 @@ class ChatOps:
             return
         if plan.accepts("ok-to-test"):
             await self._approve(conn, plan, outcome)
-        pipeline = plan.loaded.pipeline
-        if pipeline is None:
+
+        if plan.loaded.pipeline is None:
             outcome.paragraphs.append(replies.pipeline_problem(plan.loaded))
             return
+        jobs = await self._jobs_to_run(conn, plan, plan.loaded.pipeline, outcome)
+        if not jobs:
+            return
+
+        assert plan.trigger is not None
+        run_id = await start_run(
+            conn,
+            self.engine,
+            plan.trigger,
+            plan.loaded.pipeline,
+            labels=comment_labels(plan.trigger, plan.comment),
+            trusted=plan.untrusted_reason is None,
+            only_jobs=jobs,
+            delivery_pk=delivery_pk,
+        )
+        outcome.run_ids.append(run_id)
+        outcome.acted = True
+
+    async def _jobs_to_run(
+        self, conn: Connection, plan: Plan, pipeline: Pipeline, outcome: Outcome
+    ) -> list[str]:
+        """Return the requested jobs whose rules match, in pipeline order."""
+        assert plan.pr is not None
+        assert plan.trigger is not None
         trigger = plan.trigger
         states = await latest_job_states(
             conn, trigger.forge, trigger.repository, plan.pr.number, trigger.sha
         )
         selection = select_jobs(plan, [job.name for job in pipeline.jobs], states)
         outcome.paragraphs.extend(selection.paragraphs)
+
         labels = comment_labels(trigger, plan.comment)
-        runnable = [job.name for job in pipeline.jobs if job.name in selection.jobs]
-        matching = [name for name in runnable if matches(pipeline.job(name).rules, labels)]
-        skipped = [name for name in runnable if name not in matching and name in selection.named]
-        if skipped:
-            outcome.paragraphs.append(replies.rules_do_not_match(skipped))
-        if not matching:
-            return
-        run_id = await start_run(
-            conn,
-            self.engine,
-            trigger,
-            pipeline,
-            labels=labels,
-            trusted=plan.untrusted_why is None,
-            only_jobs=matching,
-            delivery_pk=delivery_pk,
-        )
-        outcome.run_ids.append(run_id)
-        outcome.acted = True
+        wanted = [job for job in pipeline.jobs if job.name in selection.jobs]
+        matching = [job.name for job in wanted if matches(job.rules, labels)]
+        # Only jobs named in /test get a word when their rules skip them, because
+        # /test all and /retest leave jobs to their rules, as pushes do.
+        skipped = [job.name for job in wanted if job.name not in matching]
+        named_skipped = [name for name in skipped if name in selection.named]
+        if named_skipped:
+            outcome.paragraphs.append(replies.rules_do_not_match(named_skipped))
+        return matching
 
     async def _approve(self, conn: Connection, plan: Plan, outcome: Outcome) -> None:
-        assert plan.pr is not None and plan.trigger is not None
+        assert plan.pr is not None
+        assert plan.trigger is not None
         comment = plan.comment
         if replies.OK_TO_TEST_LABEL not in plan.pr.labels:
             await enqueue_label(
@@ -305,7 +324,7 @@ class ChatOps:
                 source=_source(comment),
                 requested_by=comment.comment_id,
             )
-        if plan.untrusted_why is not None:
+        if plan.untrusted_reason is not None:
             await enqueue_status(
                 conn,
                 forge=comment.forge,

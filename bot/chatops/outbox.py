@@ -96,7 +96,7 @@ async def enqueue_notice_once(
 
 
 class LabelSink:
-    """Adds a label to a pull request or merge request (`chatops.label` rows)."""
+    """The sink of `chatops.label` rows: adds a label to a pull request or merge request."""
 
     def __init__(self, forges: ForgeClients) -> None:
         self._forges = forges

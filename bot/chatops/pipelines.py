@@ -28,7 +28,7 @@ class LoadedPipeline:
 
 
 class PipelineLoader:
-    """Reads and validates the pipeline file of a trigger's commit through the forge API."""
+    """Loader of the pipeline file at a trigger's commit, through the forge API."""
 
     def __init__(self, forges: ForgeClients) -> None:
         self.forges = forges
@@ -60,7 +60,12 @@ class PipelineLoader:
 
 
 def group_base(trigger: Trigger) -> str:
-    """Build the superseding key of a trigger's runs: its PR/MR, else its ref."""
+    """Build the superseding key of a trigger's runs: its PR/MR, else its ref.
+
+    NOTE: this must build the same key as the webhook intake, so that comment runs
+    and push runs of one pull request supersede each other. The intake keeps its copy
+    private; tests/test_chatops.py checks that the two agree.
+    """
     if trigger.pr_number is not None:
         return f"{trigger.forge}:{trigger.repository}#pr:{trigger.pr_number}"
     return f"{trigger.forge}:{trigger.repository}@{trigger.ref}"

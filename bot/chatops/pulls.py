@@ -1,4 +1,4 @@
-"""Pull requests as chat-ops sees them: read from the forge, turned into run triggers."""
+"""Pull requests for chat-ops: read from the forge and turned into run triggers."""
 
 from __future__ import annotations
 

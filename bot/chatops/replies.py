@@ -77,10 +77,11 @@ def unknown_commands(commands: Sequence[Command]) -> str:
 
 def refusal(commands: Sequence[Command], repository: str) -> str:
     names = code_list(f"/{command.name}" for command in commands)
+    pronoun = "it" if len(commands) == 1 else "them"
     return (
-        f"Only users with write access to {repository} may use {names}, so KubeCI did "
-        "nothing. Ask one of them to comment the command. A pull request that waits for "
-        "approval runs once one of them comments `/ok-to-test`."
+        f"Only users with write access to {repository} may use {names}, so KubeCI "
+        f"ignored {pronoun}. Ask a user with write access to comment the command. A pull "
+        "request that waits for approval runs once such a user comments `/ok-to-test`."
     )
 
 
@@ -131,18 +132,18 @@ def unknown_jobs(names: Sequence[str], jobs: Sequence[str]) -> str:
     )
 
 
-def approval_notice(why: str, repository: str) -> str:
+def approval_notice(reason: str, repository: str) -> str:
     """Build the one notice on a pull request that must be approved before it runs."""
     return (
-        f"{APPROVAL_MARKER}\nKubeCI does not run this pull request yet: {why}. A user with "
+        f"{APPROVAL_MARKER}\nKubeCI does not run this pull request yet: {reason}. A user with "
         f"write access to {repository} must review the changes and comment `/ok-to-test`. "
         "Its runs get no secrets from KubeCI's configuration."
     )
 
 
-def approval_status(why: str) -> str:
+def approval_status(reason: str) -> str:
     """Build the description of the pending `kubeci/ok-to-test` status (short enough for 140)."""
-    return f"Not run: {why}. A maintainer must comment /ok-to-test"
+    return f"Not run: {reason}. A user with write access must comment /ok-to-test"
 
 
 def approved_status(author: str) -> str:

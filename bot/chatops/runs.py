@@ -1,4 +1,4 @@
-"""What chat-ops reads about a pull request's runs from the database."""
+"""Queries of a pull request's runs and jobs, for chat-ops."""
 
 from __future__ import annotations
 

@@ -1,16 +1,16 @@
-"""Which triggers run, and with the server's secrets or without.
+"""The trust policy: whether a trigger runs now, and with the server's secrets or not.
 
 Pushes and tags are trusted. A pull request is trusted when its branch lives in the
 repository itself and its author has write access there. Any other pull request (from
 a fork, including a deleted one, or by an author without write access) runs only once
 it carries the `ok-to-test` label, and then without secrets.
 
-A writer's `/ok-to-test` comment adds the label; removing the label revokes the
-approval for the pushes that follow. NOTE: anyone who may label pull requests can
-approve by adding the label by hand: GitHub's triage role and GitLab's Reporter level
-suffice, besides write access. KubeCI accepts that, because an approved pull request
-still runs without secrets. Adding or removing the label starts or cancels nothing by
-itself; the next push or `/ok-to-test` does.
+A writer's `/ok-to-test` comment adds the label. Removing the label revokes the
+approval for the pushes that follow. NOTE: anyone who may label the pull request can
+approve it by adding the label by hand, and on GitHub that includes the triage role,
+which has no write access. KubeCI accepts that, because an approved pull request still
+runs without secrets. Adding or removing the label starts or cancels nothing by itself;
+the next push or `/ok-to-test` does.
 
 Until a pull request is approved, its head commit gets a pending `kubeci/ok-to-test`
 status saying what to do, and the pull request gets one comment saying the same.
@@ -65,24 +65,25 @@ class ForkTrustPolicy:
     async def decide(self, trigger: Trigger) -> TrustDecision:
         """Decide whether `trigger` runs now, and with secrets.
 
-        Raises ForgeError when the author's access cannot be looked up, so the forge
-        redelivers the webhook later.
+        Raises ForgeError when the author's access cannot be looked up. The intake then
+        responds with 503 and stores nothing, so a redelivery can succeed.
         """
         if trigger.pr_number is None:
             return TrustDecision(run=True, trusted=True, reason="pushes and tags are trusted")
-        why = await untrusted_reason(AccessChecker(self.forges), trigger)
-        if why is None:
+        untrusted_because = await untrusted_reason(AccessChecker(self.forges), trigger)
+        if untrusted_because is None:
             return TrustDecision(
                 run=True, trusted=True, reason="the author has write access to the repository"
             )
         if replies.OK_TO_TEST_LABEL in trigger.pr_labels:
-            reason = f"{why}, but the {replies.OK_TO_TEST_LABEL} label approves it; no secrets"
+            label = replies.OK_TO_TEST_LABEL
+            reason = f"{untrusted_because}, but the {label} label approves a run without secrets"
             return TrustDecision(run=True, trusted=False, reason=reason)
-        await self._ask_for_approval(trigger, why)
-        reason = f"{why}: a user with write access must comment /ok-to-test"
+        await self._ask_for_approval(trigger, untrusted_because)
+        reason = f"{untrusted_because}: a user with write access must comment /ok-to-test"
         return TrustDecision(run=False, trusted=False, reason=reason)
 
-    async def _ask_for_approval(self, trigger: Trigger, why: str) -> None:
+    async def _ask_for_approval(self, trigger: Trigger, untrusted_because: str) -> None:
         assert trigger.pr_number is not None
         source: dict[str, Any] = {**trigger.source(), "pr_number": trigger.pr_number}
         async with self.pool.acquire() as conn, conn.transaction():
@@ -93,7 +94,7 @@ class ForkTrustPolicy:
                 sha=trigger.sha,
                 context=replies.OK_TO_TEST_CONTEXT,
                 state="pending",
-                description=replies.approval_status(why),
+                description=replies.approval_status(untrusted_because),
                 target_url=None,
                 source=source,
             )
@@ -103,12 +104,12 @@ class ForkTrustPolicy:
                 repository=trigger.repository,
                 pr_number=trigger.pr_number,
                 marker=replies.APPROVAL_MARKER,
-                body=replies.approval_notice(why, trigger.repository),
+                body=replies.approval_notice(untrusted_because, trigger.repository),
                 source=source,
             )
         log.info(
             "pull request #%d waits for /ok-to-test: %s",
             trigger.pr_number,
-            why,
+            untrusted_because,
             extra={"forge": trigger.forge, "repository": trigger.repository},
         )
