@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "validate":
         from pipelines_schema.validate import main as validate_main
 
-        return int(validate_main([*args.files, "--format", args.format]))
+        return int(validate_main(["--format", args.format, "--", *args.files]))
     try:
         settings = Settings.from_env()
     except ConfigError as exc:

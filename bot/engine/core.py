@@ -33,7 +33,7 @@ from bot.engine import rows
 from bot.engine.events import Event, EventHook, RunInfo, Scope, insert_event, run_hooks
 from bot.engine.notify import enqueue_notifiers
 from bot.store.db import Connection, notify
-from pipelines_schema.models import Job, Pipeline, from_dict, to_dict
+from pipelines_schema.models import Job, Pipeline, to_dict
 from pipelines_schema.rules import matches
 
 log = logging.getLogger(__name__)
@@ -205,15 +205,11 @@ class Engine:
 
     # ---- jobs and steps -----------------------------------------------------------------
 
-    async def _pipeline(self, conn: Connection, run_id: int) -> Pipeline:
-        data = await conn.fetchval("SELECT pipeline FROM runs WHERE id = $1", run_id)
-        return from_dict(data)
-
     async def _start_job(self, conn: Connection, run: RunInfo, job_id: int) -> None:
         job = await rows.lock_job(conn, job_id)
         if job["state"] != "pending":
             return
-        rule = (await self._pipeline(conn, run.id)).jobs[job["position"]].rules
+        rule = (await rows.fetch_job_model(conn, run.id, job["position"])).rules
         if not matches(rule, run.labels):
             await rows.set_state(conn, "jobs", job_id, "skipped", message="rules did not match")
             await conn.execute("UPDATE steps SET state = 'skipped' WHERE job_id = $1", job_id)
@@ -240,8 +236,7 @@ class Engine:
         """Start the first step at or after `position` whose rules match."""
         job = await conn.fetchrow("SELECT * FROM jobs WHERE id = $1", job_id)
         assert job is not None
-        pipeline = await self._pipeline(conn, run.id)
-        steps = pipeline.jobs[job["position"]].steps
+        steps = (await rows.fetch_job_model(conn, run.id, job["position"])).steps
         while position < len(steps) and not matches(steps[position].rules, run.labels):
             step = await rows.fetch_step_at(conn, job_id, position)
             assert step is not None
@@ -272,7 +267,10 @@ class Engine:
                 continue
             await self._start_task(conn, scope, task)
             started += 1
-        if started == 0:
+        if started:
+            # One wake-up per step: Postgres would fold a notification per task into one.
+            await notify(conn, "attempts")
+        else:
             await self._decide_step(conn, run, step["id"], "succeeded", decided_by="default")
 
     async def _start_task(self, conn: Connection, step_scope: Scope, task: asyncpg.Record) -> None:
@@ -283,7 +281,6 @@ class Engine:
         )
         scope = self._task_scope(step_scope, task)
         await self._emit(conn, scope, "started", task["spec"].get("notifiers", ()), state="running")
-        await notify(conn, "attempts")
 
     @staticmethod
     def _task_scope(step_scope: Scope, task: asyncpg.Record) -> Scope:
@@ -328,6 +325,15 @@ class Engine:
         ids = await rows.attempt_owner_ids(conn, attempt_id)
         if ids is None:
             return False
+        # Completions of one job queue on its lock: read what does not change before it.
+        run = await self.run_info(conn, ids["run_id"])
+        step_scope = Scope(
+            run=run,
+            job_id=ids["job_id"],
+            job=ids["job_name"],
+            step_id=ids["step_id"],
+            step=ids["step_name"],
+        )
         await rows.lock_job(conn, ids["job_id"])
         attempt = await conn.fetchrow("SELECT * FROM attempts WHERE id = $1 FOR UPDATE", attempt_id)
         assert attempt is not None
@@ -354,8 +360,7 @@ class Engine:
         task = await rows.fetch_task(conn, ids["task_id"])
         if task["state"] != "running":
             return True  # the task was cancelled or ended already; the attempt is only recorded
-        run = await self.run_info(conn, ids["run_id"])
-        scope = self._task_scope(await self._step_scope(conn, run, ids["step_id"]), task)
+        scope = self._task_scope(step_scope, task)
         if state == "cancelled":
             await self._end_task(conn, scope, task, "cancelled", result.message)
             return True
@@ -460,7 +465,7 @@ class Engine:
             )
 
     async def _decide_step_by_default(self, conn: Connection, run: RunInfo, step_id: int) -> None:
-        tasks = await rows.fetch_step_tasks(conn, step_id)
+        tasks = await rows.fetch_step_outcomes(conn, step_id)
         attached = [task for task in tasks if not task["detached"]]
         if any(task["state"] in rows.ACTIVE_STATES for task in attached):
             return

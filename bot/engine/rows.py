@@ -7,6 +7,7 @@ from typing import Any
 import asyncpg
 
 from bot.store.db import Connection
+from pipelines_schema.models import Job, from_dict
 
 ACTIVE_STATES = ("pending", "running")
 FINAL_STATES = ("succeeded", "failed", "cancelled", "skipped")
@@ -20,12 +21,37 @@ async def lock_job(conn: Connection, job_id: int) -> asyncpg.Record:
     return row
 
 
+# Every column of `runs` but `pipeline`: that document grows with the pipeline, and
+# decoding it on each state change made a run's cost grow with the square of its tasks.
+RUN_COLUMNS = (
+    "id, created_at, started_at, finished_at, state, forge, repository, sha, ref, pr_number,"
+    " trusted, labels, source, delivery_pk, message"
+)
+
+
 async def fetch_run(conn: Connection, run_id: int, *, lock: bool = False) -> asyncpg.Record:
-    sql = "SELECT * FROM runs WHERE id = $1" + (" FOR UPDATE" if lock else "")
+    """Return the run's row without its pipeline document (see `fetch_job_model`).
+
+    `lock` takes FOR NO KEY UPDATE: it serialises the run's outcome, but unlike FOR UPDATE
+    it does not wait for the FOR KEY SHARE locks that inserting an event (a foreign key
+    to the run) takes. With FOR UPDATE, two jobs of one run that ended at once deadlocked:
+    each held the key-share lock of its events and waited for the other's.
+    """
+    sql = f"SELECT {RUN_COLUMNS} FROM runs WHERE id = $1" + (" FOR NO KEY UPDATE" if lock else "")
     row = await conn.fetchrow(sql, run_id)
     if row is None:
         raise LookupError(f"run {run_id} does not exist")
     return row
+
+
+async def fetch_job_model(conn: Connection, run_id: int, position: int) -> Job:
+    """The job at `position` of the run's stored pipeline, read without the other jobs."""
+    data = await conn.fetchval(
+        "SELECT pipeline->'jobs'->$2::int FROM runs WHERE id = $1", run_id, position
+    )
+    if data is None:
+        raise LookupError(f"run {run_id} has no job at position {position}")
+    return from_dict({"jobs": [data]}).jobs[0]
 
 
 async def fetch_step(conn: Connection, step_id: int) -> asyncpg.Record:
@@ -54,12 +80,29 @@ async def fetch_step_tasks(conn: Connection, step_id: int) -> list[asyncpg.Recor
     )
 
 
+async def fetch_step_outcomes(conn: Connection, step_id: int) -> list[asyncpg.Record]:
+    """Name, state, detached and allow_failure of a step's tasks: what decides the step.
+
+    Runs on every task's end, so it leaves out `spec`, whose decoding would cost as much
+    as the step has tasks.
+    """
+    return list(
+        await conn.fetch(
+            "SELECT name, state, detached, allow_failure FROM tasks WHERE step_id = $1"
+            " ORDER BY position",
+            step_id,
+        )
+    )
+
+
 async def attempt_owner_ids(conn: Connection, attempt_id: int) -> asyncpg.Record | None:
-    """Return the task, step, job and run ids of an attempt (no lock)."""
+    """Return the task, step, job and run ids of an attempt, with the step's and job's
+    names (no lock)."""
     return await conn.fetchrow(
-        "SELECT a.id, a.task_id, t.step_id, s.job_id, t.run_id"
+        "SELECT a.id, a.task_id, t.step_id, s.job_id, t.run_id, s.name AS step_name,"
+        " j.name AS job_name"
         " FROM attempts a JOIN tasks t ON t.id = a.task_id JOIN steps s ON s.id = t.step_id"
-        " WHERE a.id = $1",
+        " JOIN jobs j ON j.id = s.job_id WHERE a.id = $1",
         attempt_id,
     )
 

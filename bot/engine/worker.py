@@ -36,15 +36,29 @@ from bot.store.db import WAKE_CHANNEL
 
 log = logging.getLogger(__name__)
 
+# Queued and expired attempts are found through their own partial indexes, so a claim
+# reads a few index entries however many attempts the table holds. Queued attempts due at
+# the same instant are taken in index order, not strictly by id.
+# NOTE: an index on attempts (due_at, id) WHERE state = 'queued' would keep the id order.
 CLAIM_SQL = """
-WITH due AS (
-    SELECT a.id, a.state AS old_state
+WITH expired AS (
+    SELECT a.id, a.state AS old_state, a.due_at
     FROM attempts a
-    WHERE (a.state = 'queued' AND a.due_at <= now())
-       OR (a.state = 'running' AND a.lease_expires_at < now())
-    ORDER BY a.due_at, a.id
+    WHERE a.state = 'running' AND a.lease_expires_at < now()
+    ORDER BY a.lease_expires_at
     LIMIT $2
     FOR UPDATE SKIP LOCKED
+), queued AS (
+    SELECT a.id, a.state AS old_state, a.due_at
+    FROM attempts a
+    WHERE a.state = 'queued' AND a.due_at <= now()
+    ORDER BY a.due_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), due AS (
+    SELECT id, old_state FROM (SELECT * FROM expired UNION ALL SELECT * FROM queued) found
+    ORDER BY due_at, id
+    LIMIT $2
 )
 UPDATE attempts a
 SET state = 'running',

@@ -37,7 +37,7 @@ async def receive_callback(
         return _error(413, f"callback body over {MAX_CALLBACK_BYTES} bytes; send a shorter message")
     try:
         report = parse_callback_body(json.loads(raw or b"null"))
-    except (ValueError, CallbackBodyError) as exc:
+    except (ValueError, RecursionError, CallbackBodyError) as exc:
         message = str(exc) if isinstance(exc, CallbackBodyError) else f"invalid JSON: {exc}"
         log.info("callback rejected: %s", message)
         return _error(400, message)
