@@ -868,12 +868,10 @@ async def test_closed_pr_cancels_runs(
     assert "merged" in final["description"]
 
 
-# NOTE: two engine lock orders deadlock here, and Postgres then aborts the intake's
-# transaction. Every event insert takes a key-share lock on the run's row (the foreign
-# key), which blocks the `FOR UPDATE` that ending a job takes on that row. And
-# `Engine.cancel_jobs` locks the run's row after ending one job, before it locks the
-# run's next job, which a worker may hold while it waits for the run. Locking with
-# `FOR NO KEY UPDATE`, and locking all jobs to cancel in id order first, fixes both.
+# NOTE: `Engine.cancel_jobs` locks the run's row after ending one job, before it locks
+# the run's next job, which a worker ending that job may hold while it waits for the
+# run. Postgres then aborts one of the two transactions, here often the intake's.
+# Locking all jobs to cancel, in id order, before ending any would fix it.
 @pytest.mark.xfail(reason="cancelling a run can deadlock with a job finishing", strict=False)
 async def test_closed_pr_cancels_while_job_finishes(
     core: Harness, fake_github: FakeGitHub, fake_target: FakeTarget
