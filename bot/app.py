@@ -15,6 +15,7 @@ import asyncpg
 from aiohttp import web
 
 from bot.actions.registry import build_actions
+from bot.chatops import ChatOps, ForkTrustPolicy, chatops_sinks
 from bot.config import Settings
 from bot.engine.core import Engine
 from bot.engine.events import EventHook
@@ -125,6 +126,7 @@ async def build_services(
     sinks: dict[str, Sink] = {
         **notifier_sinks(settings, secrets=secrets),
         **forge_sinks(pool, forges, settings),
+        **chatops_sinks(forges),
         **(extra_sinks or {}),
     }
     sender = OutboxSender(pool, sinks, worker.worker_id, mask=secrets.mask)
@@ -135,6 +137,8 @@ async def build_services(
         forges,
         settings,
         service_metrics,
+        trust_policy=ForkTrustPolicy(pool, forges),
+        comment_handler=ChatOps(pool, engine, forges, settings),
         on_config_error=config_error_reporter(settings),
     )
     return Services(

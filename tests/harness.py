@@ -14,6 +14,7 @@ import asyncpg
 from bot.actions.base import Action
 from bot.actions.registry import build_actions
 from bot.app import Services, config_error_reporter, create_app, serving, with_bound_port
+from bot.chatops import ChatOps, ForkTrustPolicy, chatops_sinks
 from bot.config import Settings
 from bot.engine.core import Engine, RunRequest
 from bot.engine.events import EventHook
@@ -143,12 +144,15 @@ async def running_core(
     comment_handler: CommentHandler | None = None,
     on_config_error: ConfigErrorCallback | None = None,
     reporting: bool = False,
+    chatops: bool = False,
 ) -> AsyncIterator[Harness]:
     """Serve the app on a free port and run a worker and an outbox sender against `pool`.
 
     The webhook intake reads pipeline files through forge clients built from `settings`
     (point `github_api_url` and `gitlab_url` at the fakes). With `reporting`, runs report
-    to the forges through the outbox as in `kubeci serve`.
+    to the forges through the outbox as in `kubeci serve`. With `chatops`, comments run
+    commands and untrusted pull requests wait for `/ok-to-test`, as in `kubeci serve`.
+    Chat-ops replies and statuses reach the forge only with `reporting` as well.
     """
     secrets = SecretStore.from_settings(settings)
     forges = ForgeClients(settings)
@@ -168,6 +172,10 @@ async def running_core(
         lease_s=settings.lease_s,
         poll_interval_s=settings.poll_interval_s,
     )
+    if chatops:
+        all_sinks.update(chatops_sinks(forges))
+        trust_policy = trust_policy or ForkTrustPolicy(pool, forges)
+        comment_handler = comment_handler or ChatOps(pool, engine, forges, settings)
     sender = OutboxSender(
         pool, all_sinks, worker.worker_id, retry=FAST_RETRY, poll_interval_s=0.1, mask=secrets.mask
     )

@@ -1,0 +1,100 @@
+"""The pipeline file at a pull request's head commit, and runs started from comments."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from bot.engine.core import Engine, RunRequest
+from bot.forges.clients import ForgeClients
+from bot.intake.events import Trigger
+from bot.store.db import Connection
+from pipelines_schema.loader import PipelineError, Problem, load_pipeline
+from pipelines_schema.models import Pipeline
+
+PIPELINE_FILES = (".kubeci.yml", ".kubeci.yaml")
+
+
+@dataclass(frozen=True)
+class LoadedPipeline:
+    """The pipeline file found at a commit: valid, invalid (with problems) or absent."""
+
+    sha: str
+    # "" when no pipeline file exists at `sha`.
+    filename: str = ""
+    pipeline: Pipeline | None = None
+    problems: list[Problem] = field(default_factory=list)
+
+
+class PipelineLoader:
+    """Loader of the pipeline file at a trigger's commit, through the forge API."""
+
+    def __init__(self, forges: ForgeClients) -> None:
+        self.forges = forges
+
+    async def load(self, trigger: Trigger) -> LoadedPipeline:
+        """Read `.kubeci.yml` (else `.kubeci.yaml`) at the trigger's SHA and validate it.
+
+        Raises ForgeError when the forge fails.
+        """
+        for filename in PIPELINE_FILES:
+            content = await self._get_file(trigger, filename)
+            if content is None:
+                continue
+            try:
+                pipeline = load_pipeline(content, filename)
+            except PipelineError as exc:
+                return LoadedPipeline(trigger.sha, filename, problems=exc.problems)
+            return LoadedPipeline(trigger.sha, filename, pipeline)
+        return LoadedPipeline(trigger.sha)
+
+    async def _get_file(self, trigger: Trigger, path: str) -> bytes | None:
+        if trigger.forge == "github":
+            client = self.forges.github()
+            if trigger.installation_id is not None:
+                client.remember_installation(trigger.repository, trigger.installation_id)
+            return await client.get_file(trigger.repository, path, trigger.sha)
+        project = trigger.project_id if trigger.project_id is not None else trigger.repository
+        return await self.forges.gitlab().get_file(project, path, trigger.sha)
+
+
+def group_base(trigger: Trigger) -> str:
+    """Build the superseding key of a trigger's runs: its PR/MR, else its ref.
+
+    NOTE: this must build the same key as the webhook intake, so that comment runs
+    and push runs of one pull request supersede each other. The intake keeps its copy
+    private; tests/test_chatops.py checks that the two agree.
+    """
+    if trigger.pr_number is not None:
+        return f"{trigger.forge}:{trigger.repository}#pr:{trigger.pr_number}"
+    return f"{trigger.forge}:{trigger.repository}@{trigger.ref}"
+
+
+async def start_run(
+    conn: Connection,
+    engine: Engine,
+    trigger: Trigger,
+    pipeline: Pipeline,
+    *,
+    labels: dict[str, Any],
+    trusted: bool,
+    only_jobs: Sequence[str],
+    delivery_pk: int,
+) -> int:
+    """Create a run of `only_jobs` for `trigger` in the caller's transaction."""
+    request = RunRequest(
+        pipeline=pipeline,
+        labels=labels,
+        forge=trigger.forge,
+        repository=trigger.repository,
+        sha=trigger.sha,
+        ref=trigger.ref,
+        pr_number=trigger.pr_number,
+        trusted=trusted,
+        source=trigger.source(),
+        delivery_pk=delivery_pk,
+        group_base=group_base(trigger),
+        only_jobs=list(only_jobs),
+    )
+    return await engine.create_run(conn, request)
