@@ -868,11 +868,8 @@ async def test_closed_pr_cancels_runs(
     assert "merged" in final["description"]
 
 
-# NOTE: `Engine.cancel_jobs` locks the run's row after ending one job, before it locks
-# the run's next job, which a worker ending that job may hold while it waits for the
-# run. Postgres then aborts one of the two transactions, here often the intake's.
-# Locking all jobs to cancel, in id order, before ending any would fix it.
-@pytest.mark.xfail(reason="cancelling a run can deadlock with a job finishing", strict=False)
+# Cancelling a run's jobs while a worker ends one of them once deadlocked: the cancel
+# locked the run after ending its first job and then waited for the worker's job.
 async def test_closed_pr_cancels_while_job_finishes(
     core: Harness, fake_github: FakeGitHub, fake_target: FakeTarget
 ) -> None:

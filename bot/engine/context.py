@@ -95,8 +95,9 @@ def make_resolver(
 def _secret(name: str, row: AttemptRow, secrets: SecretSource) -> str:
     if not row["trusted"]:
         raise PlaceholderError(
-            f"${{secrets.{name}}} is not available: runs of untrusted pull requests get no "
-            "secrets until a maintainer comments /ok-to-test and the run is trusted"
+            f"${{secrets.{name}}} is not available: runs of untrusted pull requests (from "
+            "forks or by authors without write access) get no secrets, even after "
+            "/ok-to-test; give the task a rule such as {label: fork, exact: 'false'}"
         )
     try:
         return secrets.get(name)

@@ -676,6 +676,12 @@ class Engine:
         superseded_by: str | None = None,
     ) -> int:
         """Cancel active jobs; return how many were still active."""
+        # Lock every job first, in id order: ending a job locks its run, and a worker that
+        # holds one of the later jobs while waiting for that run would otherwise deadlock.
+        await conn.execute(
+            "SELECT id FROM jobs WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE",
+            list(job_ids),
+        )
         cancelled = 0
         for job_id in job_ids:
             job = await rows.lock_job(conn, job_id)
