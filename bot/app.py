@@ -110,37 +110,44 @@ async def build_services(
     extra_sinks: dict[str, Sink] | None = None,
 ) -> Services:
     pool, embedded = await open_database(settings)
-    secrets = SecretStore.from_settings(settings)
-    forges = ForgeClients(settings)
-    engine = Engine(settings, hooks=[Reporter(settings).on_event, *hooks])
-    worker = Worker(
-        pool,
-        engine,
-        build_actions(settings),
-        secrets,
-        worker_id=settings.worker_id,
-        concurrency=settings.worker_concurrency,
-        lease_s=settings.lease_s,
-        poll_interval_s=settings.poll_interval_s,
-    )
-    sinks: dict[str, Sink] = {
-        **notifier_sinks(settings, secrets=secrets),
-        **forge_sinks(pool, forges, settings),
-        **chatops_sinks(forges),
-        **(extra_sinks or {}),
-    }
-    sender = OutboxSender(pool, sinks, worker.worker_id, mask=secrets.mask)
-    service_metrics = Metrics()
-    intake = Intake(
-        pool,
-        engine,
-        forges,
-        settings,
-        service_metrics,
-        trust_policy=ForkTrustPolicy(pool, forges),
-        comment_handler=ChatOps(pool, engine, forges, settings),
-        on_config_error=config_error_reporter(settings),
-    )
+    try:
+        secrets = SecretStore.from_settings(settings)
+        forges = ForgeClients(settings)
+        engine = Engine(settings, hooks=[Reporter(settings).on_event, *hooks])
+        worker = Worker(
+            pool,
+            engine,
+            build_actions(settings),
+            secrets,
+            worker_id=settings.worker_id,
+            concurrency=settings.worker_concurrency,
+            lease_s=settings.lease_s,
+            poll_interval_s=settings.poll_interval_s,
+        )
+        sinks: dict[str, Sink] = {
+            **notifier_sinks(settings, secrets=secrets),
+            **forge_sinks(pool, forges, settings),
+            **chatops_sinks(forges),
+            **(extra_sinks or {}),
+        }
+        sender = OutboxSender(pool, sinks, worker.worker_id, mask=secrets.mask)
+        service_metrics = Metrics()
+        intake = Intake(
+            pool,
+            engine,
+            forges,
+            settings,
+            service_metrics,
+            trust_policy=ForkTrustPolicy(pool, forges),
+            comment_handler=ChatOps(pool, engine, forges, settings),
+            on_config_error=config_error_reporter(settings),
+        )
+    except BaseException:
+        # Nothing else owns the pool and the server yet: close them before giving up.
+        await pool.close()
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+        raise
     return Services(
         settings,
         pool,

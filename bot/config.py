@@ -43,6 +43,11 @@ def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(",") if item.strip())
 
 
+BACKENDS = ("", "kubernetes", "local")
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def default_data_dir(env: Mapping[str, str]) -> Path:
     base = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "kubeci"
@@ -88,6 +93,40 @@ class Settings:
         if self.public_url:
             return self.public_url.rstrip("/")
         return f"http://{self.host}:{self.port}"
+
+    def __post_init__(self) -> None:
+        checks: list[tuple[bool, str, object, str]] = [
+            (
+                self.worker_concurrency >= 1,
+                "KUBECI_WORKER_CONCURRENCY",
+                self.worker_concurrency,
+                "a whole number >= 1",
+            ),
+            (self.lease_s > 0, "KUBECI_LEASE_S", self.lease_s, "a number of seconds > 0"),
+            (
+                self.poll_interval_s > 0,
+                "KUBECI_POLL_INTERVAL_S",
+                self.poll_interval_s,
+                "a number of seconds > 0",
+            ),
+            (
+                self.max_body_bytes > 0,
+                "KUBECI_MAX_BODY_BYTES",
+                self.max_body_bytes,
+                "a number of bytes > 0",
+            ),
+            (self.backend in BACKENDS, "KUBECI_BACKEND", self.backend, "kubernetes or local"),
+            (self.log_format in LOG_FORMATS, "KUBECI_LOG_FORMAT", self.log_format, "text or json"),
+            (
+                self.log_level.upper() in LOG_LEVELS,
+                "KUBECI_LOG_LEVEL",
+                self.log_level,
+                ", ".join(LOG_LEVELS),
+            ),
+        ]
+        for valid, name, value, expected in checks:
+            if not valid:
+                raise ConfigError(f"{name}={value!r} is invalid; set it to {expected}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

@@ -147,3 +147,18 @@ async def test_metadata_address_refused(db: asyncpg.Pool, database_dsn: str) -> 
         attempts = await core.attempts(run_id, "slow")
     assert "169.254.169.254" in message
     assert len(attempts) == 1
+
+
+async def test_pinned_run_left_to_its_process(
+    db: asyncpg.Pool, database_dsn: str, fake_target: FakeTarget
+) -> None:
+    # `kubeci run` pins its run; a service sharing the database must not run it.
+    async with running_core(db, fast_settings(database_dsn)) as core:
+        run_id = await core.start_run(
+            SLOW_TASK, {"target": fake_target.base_url}, pinned_to="kubeci-run-elsewhere"
+        )
+        await asyncio.sleep(1.0)
+        assert fake_target.received() == []
+        core.services.worker.pinned_to = "kubeci-run-elsewhere"
+        assert await core.wait_run(run_id) == "succeeded"
+    assert len(fake_target.received()) == 2

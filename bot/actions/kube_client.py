@@ -313,7 +313,7 @@ def choose_backend(
         )
     source = find_cluster_source(settings, environ=environ, token_path=token_path)
     if source is None:
-        log.warning(
+        log.info(
             "No cluster configuration found (no service account token at %s, no kubeconfig): "
             "Kubernetes actions use the local backend, which runs Job commands as local "
             "processes and records Deployment updates in a file",

@@ -10,6 +10,8 @@ import sys
 
 from bot.config import ConfigError, Settings
 from bot.logs import setup_logging
+from bot.store.db import DB_ERRORS
+from bot.store.embedded import EmbeddedPostgresError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run" and "KUBECI_LOG_LEVEL" not in os.environ:
         level = "WARNING"  # keep the progress lines readable; KUBECI_LOG_LEVEL overrides
     setup_logging(settings.log_format, level)
+    try:
+        return _run_command(args, settings)
+    except ConfigError as exc:
+        print(f"kubeci: {exc}", file=sys.stderr)
+        return 2
+    except EmbeddedPostgresError as exc:
+        print(f"kubeci: the embedded database could not start: {exc}", file=sys.stderr)
+        return 1
+    except DB_ERRORS as exc:
+        where = "DATABASE_URL" if settings.database_url else "the embedded database"
+        print(f"kubeci: cannot use the database ({exc}); check {where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("kubeci: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run_command(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "run":
         from bot.cli.run import run_command
 

@@ -7,9 +7,11 @@ serves the callback endpoint on a local port while it runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -22,13 +24,15 @@ from bot.app import Services, build_services, close_services, create_app, servin
 from bot.config import Settings
 from bot.engine.core import RunRequest
 from bot.store.db import Connection
-from pipelines_schema.loader import PipelineError, load_pipeline
+from pipelines_schema.loader import MAX_FILE_BYTES, PipelineError, load_pipeline
 from pipelines_schema.models import Pipeline
 
 log = logging.getLogger(__name__)
 
 LOG_EXCERPT_LINES = 8
 POLL_S = 0.2
+# After a cancel (timeout or signal), how long to wait for running tasks to stop.
+CANCEL_GRACE_S = 15.0
 
 
 class LabelError(ValueError):
@@ -186,8 +190,14 @@ def prepare_run(
 ) -> tuple[Pipeline, dict[str, Any]]:
     """Load the pipeline file and build the run's labels (raises RunSetupError)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-        pipeline = load_pipeline(text, filename=path)
+        size_bytes = Path(path).stat().st_size
+        if size_bytes > MAX_FILE_BYTES:
+            raise RunSetupError(
+                f"kubeci run: {path} is {size_bytes} bytes; pipeline files may have at most "
+                f"{MAX_FILE_BYTES} bytes",
+                2,
+            )
+        pipeline = load_pipeline(Path(path).read_bytes(), filename=path)
         labels: dict[str, Any] = {
             "forge": "manual",
             "event": "manual",
@@ -196,8 +206,8 @@ def prepare_run(
             **parse_labels(label_items),
         }
     except PipelineError as exc:
-        raise RunSetupError("\n".join(str(problem) for problem in exc.problems), 1) from None
-    except (OSError, UnicodeDecodeError, LabelError) as exc:
+        raise RunSetupError("\n".join(problem.format() for problem in exc.problems), 1) from None
+    except (OSError, LabelError) as exc:
         raise RunSetupError(f"kubeci run: {exc}", 2) from None
     unknown = [name for name in jobs if name not in {job.name for job in pipeline.jobs}]
     if unknown:
@@ -252,6 +262,10 @@ async def _run_with_services(
     settings = services.settings
     async with serving(create_app(services), settings.host, settings.port) as port:
         services.engine.settings = with_bound_port(settings, port)
+        # This process alone runs and reports its run, with its own settings and secrets;
+        # a `kubeci serve` sharing the database leaves it alone, and the reverse.
+        services.worker.pinned_to = services.worker.worker_id
+        services.sender.pinned_to = services.worker.worker_id
         async with services.pool.acquire() as conn, conn.transaction():
             run_id = await services.engine.create_run(
                 conn,
@@ -262,6 +276,7 @@ async def _run_with_services(
                     sha=str(labels.get("sha", "")),
                     ref=str(labels.get("ref", "")),
                     only_jobs=jobs or None,
+                    pinned_to=services.worker.worker_id,
                 ),
             )
         if services.embedded is not None:
@@ -270,17 +285,45 @@ async def _run_with_services(
         print(f"{_clock()} run {run_id} started: {services.engine.run_url(run_id)}", file=out)
         await services.start_background()
         printer = ProgressPrinter(services.pool, run_id, out)
+        stop_reason = await _follow(services, printer, run_id, timeout_s)
+        if stop_reason is not None:
+            print(f"{_clock()} {stop_reason}: cancelling run {run_id}", file=out, flush=True)
+            async with services.pool.acquire() as conn, conn.transaction():
+                await services.engine.cancel_run(conn, run_id, reason=stop_reason)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CANCEL_GRACE_S):
+                    while not await _settled(services.pool, run_id):
+                        await printer.poll()
+                        await asyncio.sleep(POLL_S)
+        await printer.poll()
+        state = await print_summary(services.pool, run_id, out)
+    if stop_reason is not None and stop_reason.startswith("interrupted"):
+        return 130
+    return 0 if state == "succeeded" else 1
+
+
+async def _follow(
+    services: Services, printer: ProgressPrinter, run_id: int, timeout_s: float
+) -> str | None:
+    """Print progress until the run settles; return why it must stop early, if it must.
+
+    SIGINT and SIGTERM stop it early, so that the run is cancelled, not left running.
+    """
+    interrupted = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, interrupted.set)
+    try:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             await printer.poll()
             if await _settled(services.pool, run_id):
-                break
-            await asyncio.sleep(POLL_S)
-        else:
-            async with services.pool.acquire() as conn, conn.transaction():
-                await services.engine.cancel_run(
-                    conn, run_id, reason=f"kubeci run gave up after {timeout_s:g} s"
-                )
-        await printer.poll()
-        state = await print_summary(services.pool, run_id, out)
-    return 0 if state == "succeeded" else 1
+                return None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(interrupted.wait(), POLL_S)
+            if interrupted.is_set():
+                return "interrupted by a signal"
+        return f"kubeci run gave up after {timeout_s:g} s"
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)

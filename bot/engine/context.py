@@ -115,7 +115,8 @@ def render_arguments(
     except MissingValue as exc:
         raise PlaceholderError(
             f"label {exc.name!r} is not set for this run, so ${{{exc.name}}} cannot be "
-            "filled; add a rule so the task runs only when it exists"
+            "filled; add a rule so the task runs only when it exists (for kubeci run, pass "
+            f"--label {exc.name.removeprefix('labels.')}=VALUE)"
         ) from None
     assert isinstance(rendered, dict)
     return rendered

@@ -58,6 +58,8 @@ class RunRequest:
     # Base of the superseding key, e.g. "github:acme/web#pr:5"; empty disables superseding.
     group_base: str = ""
     only_jobs: Sequence[str] | None = None
+    # Only the process of this name runs and reports the run (see Worker.pinned_to).
+    pinned_to: str | None = None
 
 
 # Upper bounds on the wait before a retry, so a huge backoff or Retry-After can neither
@@ -127,8 +129,9 @@ class Engine:
         """Insert a run with its jobs, steps and tasks, and start the jobs whose rules match."""
         run_id = await conn.fetchval(
             "INSERT INTO runs (state, started_at, forge, repository, sha, ref, pr_number,"
-            " trusted, labels, pipeline, source, delivery_pk)"
-            " VALUES ('running', now(), $1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
+            " trusted, labels, pipeline, source, delivery_pk, pinned_to)"
+            " VALUES ('running', now(), $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+            " RETURNING id",
             request.forge,
             request.repository,
             request.sha,
@@ -139,6 +142,7 @@ class Engine:
             to_dict(request.pipeline),
             request.source,
             request.delivery_pk,
+            request.pinned_to,
         )
         job_ids = []
         for position, job in enumerate(request.pipeline.jobs):

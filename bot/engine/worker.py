@@ -44,17 +44,23 @@ CLAIM_SQL = """
 WITH expired AS (
     SELECT a.id, a.state AS old_state, a.due_at
     FROM attempts a
+    JOIN tasks t ON t.id = a.task_id
+    JOIN runs r ON r.id = t.run_id
     WHERE a.state = 'running' AND a.lease_expires_at < now()
+      AND r.pinned_to IS NOT DISTINCT FROM $4
     ORDER BY a.lease_expires_at
     LIMIT $2
-    FOR UPDATE SKIP LOCKED
+    FOR UPDATE OF a SKIP LOCKED
 ), queued AS (
     SELECT a.id, a.state AS old_state, a.due_at
     FROM attempts a
+    JOIN tasks t ON t.id = a.task_id
+    JOIN runs r ON r.id = t.run_id
     WHERE a.state = 'queued' AND a.due_at <= now()
+      AND r.pinned_to IS NOT DISTINCT FROM $4
     ORDER BY a.due_at
     LIMIT $2
-    FOR UPDATE SKIP LOCKED
+    FOR UPDATE OF a SKIP LOCKED
 ), due AS (
     SELECT id, old_state FROM (SELECT * FROM expired UNION ALL SELECT * FROM queued) found
     ORDER BY due_at, id
@@ -98,6 +104,7 @@ class Worker:
         lease_s: float = 30.0,
         poll_interval_s: float = 2.0,
         action_extra: dict[str, Any] | None = None,
+        pinned_to: str | None = None,
     ) -> None:
         self.pool = pool
         self.engine = engine
@@ -109,6 +116,8 @@ class Worker:
         self.lease_s = lease_s
         self.poll_interval_s = poll_interval_s
         self.action_extra = action_extra or {}
+        # None: run attempts of unpinned runs. A name: only those of runs pinned to it.
+        self.pinned_to = pinned_to
         self.inflight: dict[int, asyncio.Task[None]] = {}
         self._contexts: dict[int, AttemptContext] = {}
         self._cancelled: set[int] = set()
@@ -226,7 +235,7 @@ class Worker:
     async def claim_and_start(self, limit: int) -> int:
         """Claim up to `limit` due attempts and start running each; return how many."""
         async with self.pool.acquire() as conn:
-            claimed = await conn.fetch(CLAIM_SQL, self.worker_id, limit, self.lease)
+            claimed = await conn.fetch(CLAIM_SQL, self.worker_id, limit, self.lease, self.pinned_to)
         for row in claimed:
             attempt_id = int(row["id"])
             recovered = row["old_state"] == "running"

@@ -42,6 +42,7 @@ WITH due AS (
       AND o.next_attempt_at <= now()
       AND (o.lease_expires_at IS NULL OR o.lease_expires_at < now())
       AND o.kind = ANY($1::text[])
+      AND (SELECT r.pinned_to FROM runs r WHERE r.id = o.run_id) IS NOT DISTINCT FROM $5
       AND NOT EXISTS (
           SELECT 1 FROM outbox older
           WHERE older.ordering_key = o.ordering_key AND older.state = 'pending'
@@ -189,6 +190,7 @@ class OutboxSender:
         poll_interval_s: float = 2.0,
         batch_size: int = 20,
         mask: Callable[[str], str] = _no_mask,
+        pinned_to: str | None = None,
     ) -> None:
         if send_timeout_s >= lease_s:
             raise ValueError(
@@ -205,6 +207,9 @@ class OutboxSender:
         self._poll_interval_s = poll_interval_s
         self._batch_size = batch_size
         self._mask = mask
+        # None: send rows of unpinned runs (and rows of no run). A name: only rows of
+        # runs pinned to it, as `kubeci run` does.
+        self.pinned_to = pinned_to
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
 
@@ -249,7 +254,12 @@ class OutboxSender:
     async def _claim(self) -> list[OutboxRow]:
         async with self._pool.acquire() as conn:
             records = await conn.fetch(
-                _CLAIM, self._kinds, self._batch_size, self._worker_id, self._lease_s
+                _CLAIM,
+                self._kinds,
+                self._batch_size,
+                self._worker_id,
+                self._lease_s,
+                self.pinned_to,
             )
         return sorted((_row_from_record(record) for record in records), key=lambda row: row.id)
 
