@@ -973,6 +973,12 @@ def test_known_placeholders_accepted() -> None:
     assert validate_text(text) == []
 
 
+def test_rule_regex_in_runtime_syntax_accepted() -> None:
+    # `\p{...}` is valid for the `regex` package that matches rules, not for `re`.
+    text = _variant("steps:\n", "rules: {label: branch, regex: '\\p{Lu}+'}\n    steps:\n")
+    assert validate_text(text) == []
+
+
 # -- input that is not a pipeline ---------------------------------------------------------
 
 JUNK_CASES = [
