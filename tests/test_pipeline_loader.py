@@ -979,6 +979,49 @@ def test_rule_regex_in_runtime_syntax_accepted() -> None:
     assert validate_text(text) == []
 
 
+# (case, escape in a double-quoted string, the character it writes)
+UNSTORABLE_ESCAPES = [
+    ("nul", "\\0", "U+0000"),
+    ("escape character", "\\e", "U+001B"),
+    ("hex control", "\\x01", "U+0001"),
+]
+
+
+@pytest.mark.parametrize(
+    ("escape", "code"),
+    [case[1:] for case in UNSTORABLE_ESCAPES],
+    ids=[case[0] for case in UNSTORABLE_ESCAPES],
+)
+def test_control_escape_in_value_rejected(escape: str, code: str) -> None:
+    text = _variant('run"}', f'run", body: "a{escape}b"}}')
+    problems = validate_text(text)
+    assert len(problems) == 1, problems
+    assert problems[0].path == "jobs[0].steps[0].tasks[0].arguments.body"
+    assert f"invalid character {code}" in problems[0].message
+    line = text.splitlines()[7]
+    assert (problems[0].line, problems[0].column) == (8, line.index('"a') + 1)
+
+
+def test_control_escape_in_key_rejected() -> None:
+    text = _variant('run"}', 'run", headers: {"X-A\\0": "1"}}')
+    problems = validate_text(text)
+    assert len(problems) == 1, problems
+    assert problems[0].path == 'jobs[0].steps[0].tasks[0].arguments.headers["X-A\\u0000"]'
+    assert "invalid character U+0000" in problems[0].message
+    assert "in the key" in problems[0].message
+
+
+def test_allowed_escapes_accepted() -> None:
+    text = _variant('run"}', 'run", body: "tab\\tline\\nreturn\\r\\u00e9"}')
+    assert validate_text(text) == []
+
+
+def test_nul_escape_raises_pipeline_error() -> None:
+    with pytest.raises(PipelineError) as caught:
+        load_pipeline(_variant('run"}', 'run", body: "a\\0b"}'))
+    assert "arguments.body" in str(caught.value)
+
+
 # -- input that is not a pipeline ---------------------------------------------------------
 
 JUNK_CASES = [

@@ -275,6 +275,15 @@ async def test_excerpt_bounded_at_4_kib(
     assert "\ufffd" not in result.response_excerpt
 
 
+async def test_nul_in_body_replaced_in_excerpt(
+    action: WebhookAction, fake_target: FakeTarget, recorder: Recorder
+) -> None:
+    fake_target.script("/run", Reply(200, b"\x89PNG\x00\x00"))
+    result = await action.execute(make_ctx(recorder, {"url": fake_target.url("/run")}))
+    assert result.outcome == "succeeded"
+    assert result.response_excerpt == "\ufffdPNG\ufffd\ufffd"
+
+
 async def test_secret_masked_in_excerpt_and_log(
     action: WebhookAction, fake_target: FakeTarget, recorder: Recorder
 ) -> None:

@@ -22,6 +22,7 @@ from bot.actions.base import AttemptContext, AttemptResult
 from bot.config import Settings
 from bot.net.guard import OutboundAddressRefused
 from bot.net.http import excerpt, make_session, rate_limit_wait_s, read_bounded, user_agent
+from bot.store.text import clean_text
 
 log = logging.getLogger(__name__)
 
@@ -212,9 +213,9 @@ class WebhookAction:
         self, request: WebhookRequest, response: _Response, ctx: AttemptContext, target: str
     ) -> AttemptResult:
         status = response.status
-        body_excerpt = excerpt(
-            ctx.mask(response.body.decode("utf-8", "replace")), EXCERPT_MAX_BYTES
-        )
+        # Postgres text cannot contain NUL, which binary bodies often have.
+        body_text = clean_text(response.body.decode("utf-8", "replace"))
+        body_excerpt = excerpt(ctx.mask(body_text), EXCERPT_MAX_BYTES)
         details: dict[str, Any] = {"response_status": status, "response_excerpt": body_excerpt}
         await ctx.append_log("response", f"{target} -> HTTP {status} in {response.elapsed_ms} ms\n")
         if request.is_success(status):
