@@ -25,6 +25,7 @@ from bot.actions.kubernetes_job import KubernetesJobAction
 from bot.actions.local_backend import LocalDeploymentAction, LocalJobAction
 from bot.actions.registry import build_actions
 from bot.config import ConfigError, Settings
+from bot.net.secrets import SecretStore
 from tests.fakes.kubernetes import AttemptRecorder, make_attempt
 
 PY = sys.executable
@@ -97,6 +98,19 @@ async def test_local_job_environment(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert recorder.text("local/stdout") == (
         "ci http://127.0.0.1:8080/callbacks/tok-123 tok-123 None\n"
     )
+
+
+async def test_local_job_command_line_masked(tmp_path: Path) -> None:
+    # A quote in the secret makes shlex.quote split it, so masking must come first.
+    recorder = AttemptRecorder()
+    secret = "it's-a-secret"
+    arguments = python_job("print(1)", args=[secret, f"--token={secret}"])
+    mask = SecretStore({"X": secret}).mask
+    await LocalJobAction(Settings(data_dir=tmp_path)).execute(job(recorder, arguments, mask=mask))
+
+    line = recorder.text("kubeci")
+    assert "s-a-secret" not in line
+    assert "'--token=***'" in line
 
 
 async def test_local_job_args_follow_command(tmp_path: Path) -> None:

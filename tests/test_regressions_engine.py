@@ -440,7 +440,6 @@ async def _echo_run(db: asyncpg.Pool, database_dsn: str, base_url: str, argument
     return str(await db.fetchval("SELECT response_excerpt FROM attempts"))
 
 
-@pytest.mark.xfail(strict=True, reason="masking misses a secret that the target JSON-escaped")
 async def test_echoed_secret_is_masked(
     db: asyncpg.Pool, database_dsn: str, echo_target: str
 ) -> None:
@@ -458,7 +457,6 @@ async def test_echoed_callback_url_is_hidden(
     assert "/callbacks/" not in excerpt
 
 
-@pytest.mark.xfail(strict=True, reason="shlex quoting splits a secret with a quote past masking")
 async def test_local_command_line_is_masked(
     db: asyncpg.Pool, database_dsn: str, tmp_path: Path
 ) -> None:

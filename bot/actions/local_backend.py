@@ -174,15 +174,17 @@ class LocalJobAction:
         except ArgumentError as exc:
             log.info("invalid kubernetes_job arguments: %s", exc, extra=log_ids(ctx))
             return AttemptResult.failure(f"kubernetes_job: {exc}", retryable=False)
+        # Mask before quoting: quoting can split a secret (a quote in it) past masking.
+        shown = [ctx.mask(part) for part in argv]
         log.info(
             "local backend: running %s as a local process; image %s ignored",
-            argv[0],
+            shown[0],
             image,
             extra=log_ids(ctx),
         )
         await ctx.append_log(
             "kubeci",
-            f"Local backend: running {shlex.join(argv)} as a local process. "
+            f"Local backend: running {shlex.join(shown)} as a local process. "
             f"The image {image or '(none)'} is ignored.\n",
         )
         with tempfile.TemporaryDirectory(prefix="kubeci-job-") as workdir:
@@ -210,7 +212,7 @@ class LocalJobAction:
             os.close(out_read)
             os.close(err_read)
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-            message = clean_text(ctx.mask(f"cannot start {argv[0]!r}: {reason}"))
+            message = clean_text(ctx.mask(f"cannot start {ctx.mask(argv[0])!r}: {reason}"))
             log.info("local command failed to start: %s", message, extra=log_ids(ctx))
             return AttemptResult.failure(message, retryable=False)
         finally:
