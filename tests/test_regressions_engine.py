@@ -448,7 +448,6 @@ async def test_echoed_secret_is_masked(
     assert "w0rd-tok" not in excerpt
 
 
-@pytest.mark.xfail(strict=True, reason="an echoed callback URL, a live token, is stored and shown")
 async def test_echoed_callback_url_is_hidden(
     db: asyncpg.Pool, database_dsn: str, echo_target: str
 ) -> None:

@@ -295,6 +295,36 @@ async def test_secret_masked_in_excerpt_and_log(
     assert all(SECRET not in text for _, text in recorder.logs)
 
 
+async def test_echoed_callback_url_hidden(
+    action: WebhookAction, fake_target: FakeTarget, recorder: Recorder
+) -> None:
+    body = "url http://127.0.0.1:9/callbacks/token-abc token token-abc json token-abc"
+    fake_target.script("/run", Reply(202, body))
+    arguments = {"url": fake_target.url("/run"), "mode": "async"}
+    result = await action.execute(make_ctx(recorder, arguments))
+    assert result.outcome == "parked"
+    assert result.response_excerpt == "url *** token *** json ***"
+
+
+async def test_callback_token_hidden_in_url_and_log(
+    action: WebhookAction, fake_target: FakeTarget, recorder: Recorder
+) -> None:
+    fake_target.script("/run", Reply(500, "failed"))
+    arguments = {"url": fake_target.url("/run?cb=token-abc"), "mode": "async"}
+    result = await action.execute(make_ctx(recorder, arguments))
+    assert "token-abc" not in result.message
+    assert all("token-abc" not in text for _, text in recorder.logs)
+    assert "cb=***" in result.message
+
+
+async def test_callback_token_hidden_in_failure(action: WebhookAction, recorder: Recorder) -> None:
+    arguments = {"url": "http://127.0.0.1:1/run?cb=token-abc", "connect_timeout_s": 1}
+    result = await action.execute(make_ctx(recorder, arguments))
+    assert result.outcome == "failed"
+    assert "token-abc" not in result.message
+    assert all("token-abc" not in text for _, text in recorder.logs)
+
+
 async def test_response_log_line(
     action: WebhookAction, fake_target: FakeTarget, recorder: Recorder
 ) -> None:
