@@ -1022,6 +1022,58 @@ def test_nul_escape_raises_pipeline_error() -> None:
     assert "arguments.body" in str(caught.value)
 
 
+def test_nested_placeholder_rejected() -> None:
+    text = _variant('"https://ci.example.com/run"', '"https://x.example.com/${labels.${x}}"')
+    problems = validate_text(text)
+    assert len(problems) == 1, problems
+    assert problems[0].path == "jobs[0].steps[0].tasks[0].arguments.url"
+    assert "nested placeholder: '${labels.${x'" in problems[0].message
+
+
+def test_version_true_written_as_yaml() -> None:
+    problems = validate_text("version: true\n" + BASE)
+    messages = " ".join(problem.message for problem in problems)
+    assert "unsupported version true;" in messages
+    assert "True" not in messages
+
+
+# (case, task key and value, the value, expected words, loadable fix)
+EXPONENT_CASES = [
+    (
+        "number",
+        "backoff: {factor: 1e308}",
+        "1e308",
+        "write 1.0e+308",
+        "backoff: {factor: 1.0e+308}",
+    ),
+    ("unsigned exponent", "timeout_s: 2.5e3", "2.5e3", "write 2.5e+3", "timeout_s: 2.5e+3"),
+    ("negative exponent", "timeout_s: 5e-1", "5e-1", "write 5.0e-1", "timeout_s: 5.0e-1"),
+    ("integer", "retries: 1e1", "1e1", "write 10", "retries: 10"),
+]
+
+
+def _task_line(line: str) -> str:
+    return _variant("action: webhook\n", f"action: webhook\n            {line}\n")
+
+
+@pytest.mark.parametrize(
+    ("line", "written", "words", "fixed"),
+    [case[1:] for case in EXPONENT_CASES],
+    ids=[case[0] for case in EXPONENT_CASES],
+)
+def test_exponent_without_dot_hint(line: str, written: str, words: str, fixed: str) -> None:
+    problems = validate_text(_task_line(line))
+    assert len(problems) == 1, problems
+    assert f"YAML reads {written} as a string" in problems[0].message
+    assert words in problems[0].message
+    assert validate_text(_task_line(fixed)) == []
+
+
+def test_exponent_hint_only_for_numbers() -> None:
+    text = _variant('run"}', 'run", headers: {X-Size: 1e3}}')
+    assert validate_text(text) == []
+
+
 # -- input that is not a pipeline ---------------------------------------------------------
 
 JUNK_CASES = [
