@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 # Time one regex rule may spend on all the values of its label, in seconds.
 REGEX_TIMEOUT_S = 0.1
-# Label values longer than this are not matched: a branch name or a PR label is far shorter.
+# Label values longer than this are not matched, which bounds the work of one match.
 MAX_MATCHED_CHARS = 4096
 
 

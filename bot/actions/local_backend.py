@@ -81,8 +81,9 @@ def local_command(args: JobArguments) -> tuple[list[str], dict[str, str], str]:
 class _OutputLog:
     """Appends one output stream to the attempt log, line by line, up to a size cap.
 
-    The stream is read to its end whatever happens to the log, so a chatty command never
-    blocks on a full pipe: output past the cap, or after a failed log write, is dropped.
+    The stream is read to its end even past the cap or after a failed log write, so the
+    command does not stall on a full pipe. Output past the cap, or after a failed write,
+    is dropped.
     """
 
     def __init__(self, ctx: AttemptContext, source: str, cap_bytes: int) -> None:
@@ -175,16 +176,16 @@ class LocalJobAction:
             log.info("invalid kubernetes_job arguments: %s", exc, extra=log_ids(ctx))
             return AttemptResult.failure(f"kubernetes_job: {exc}", retryable=False)
         # Mask before quoting: quoting can split a secret (a quote in it) past masking.
-        shown = [ctx.mask(part) for part in argv]
+        masked_argv = [ctx.mask(part) for part in argv]
         log.info(
             "local backend: running %s as a local process; image %s ignored",
-            shown[0],
+            masked_argv[0],
             image,
             extra=log_ids(ctx),
         )
         await ctx.append_log(
             "kubeci",
-            f"Local backend: running {shlex.join(shown)} as a local process. "
+            f"Local backend: running {shlex.join(masked_argv)} as a local process. "
             f"The image {image or '(none)'} is ignored.\n",
         )
         with tempfile.TemporaryDirectory(prefix="kubeci-job-") as workdir:

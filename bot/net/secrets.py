@@ -29,7 +29,7 @@ def encoded_forms(value: str) -> set[str]:
     """Return the forms in which `value` may appear in text that KubeCI stores.
 
     Targets often echo a request back: JSON escapes quotes, backslashes and (by default)
-    non-ASCII characters, and a JSON request body echoed inside a JSON answer is escaped
+    non-ASCII characters, and a JSON request body echoed inside a JSON response is escaped
     twice. URLs and forms percent-encode. `shlex.quote` is how the local backend writes
     a command line.
     """

@@ -18,7 +18,8 @@ _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 def clean_text(value: str) -> str:
     """Return `value` with each NUL and each surrogate replaced by U+FFFD.
 
-    A surrogate pair in a Python string is two surrogates, so each half is replaced.
+    Python holds a character outside the BMP as one code point, so two surrogates that
+    would form a UTF-16 pair are replaced one by one.
     """
     return _UNSTORABLE.sub(REPLACEMENT, value)
 
