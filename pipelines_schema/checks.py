@@ -368,6 +368,12 @@ def _placeholder_message(name: str, callback_allowed: bool) -> str | None:
         )
     if is_known_placeholder(name):
         return None
+    if "${" in name:
+        return (
+            f"nested placeholder: '${{{name}' opens another '${{' inside a placeholder, "
+            "and placeholders cannot be nested. Write the name itself, as in ${labels.NAME}, "
+            "and $${ for a literal ${"
+        )
     if name.startswith("secrets."):
         return (
             f"invalid secret name in ${{{name}}}; a secret name contains only letters, "

@@ -119,6 +119,8 @@ def is_known_placeholder(name: str) -> bool:
     """Tell whether `name` may appear as `${name}` in a pipeline file."""
     if name in _KNOWN:
         return True
+    if "${" in name:
+        return False  # a nested placeholder, as in ${labels.${x}}
     if name.startswith("secrets."):
         return SECRET_NAME.fullmatch(name.removeprefix("secrets.")) is not None
     return _CUSTOM_LABEL.fullmatch(name) is not None

@@ -9,12 +9,15 @@ from dataclasses import asdict, dataclass
 DocPath = tuple[str | int, ...]
 
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+# Control characters and surrogates, written as \uXXXX in quoted keys.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
 
 
 def format_path(path: DocPath) -> str:
     """Write a document path as `jobs[0].steps[1].tasks[0].action`.
 
-    Keys that are not plain identifiers are quoted, as in `headers["X-Api-Key"]`.
+    Keys that are not plain identifiers are quoted, as in `headers["X-Api-Key"]`, with
+    control characters escaped, as in `env["A\\u0000"]`.
     """
     parts: list[str] = []
     for element in path:
@@ -24,6 +27,7 @@ def format_path(path: DocPath) -> str:
             parts.append(f".{element}" if parts else element)
         else:
             escaped = element.replace("\\", "\\\\").replace('"', '\\"')
+            escaped = _UNPRINTABLE.sub(lambda match: f"\\u{ord(match.group()):04x}", escaped)
             parts.append(f'["{escaped}"]')
     return "".join(parts)
 

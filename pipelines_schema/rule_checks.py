@@ -7,10 +7,12 @@ report exactly what is wrong with it.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
+import regex
+
 from pipelines_schema.problems import DocPath
+from pipelines_schema.rules import compile_pattern
 from pipelines_schema.schema import (
     describe_value,
     field_name,
@@ -139,8 +141,8 @@ def _check_regex(key: str, value: Any) -> str | None:
     if not isinstance(value, str):
         return type_message(key, ["string"], value)
     try:
-        re.compile(value)
-    except re.error as error:
+        compile_pattern(value)
+    except regex.error as error:
         return f"invalid regex {value!r}: {error}"
     except (RecursionError, OverflowError):
         return f"invalid regex {value!r}: it nests or repeats too deeply; simplify it"

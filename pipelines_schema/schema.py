@@ -24,6 +24,11 @@ from pipelines_schema.problems import DocPath, format_path
 from pipelines_schema.source import INVALID, Issue
 
 SCHEMA_FILE = "kubeci.schema.json"
+# A number in exponent notation, split into sign, whole part, fraction, "e", exponent
+# sign and exponent.
+_EXPONENT_NUMBER = re.compile(
+    r"([-+]?)(?=[0-9]|\.[0-9])([0-9]*)(?:\.([0-9]*))?([eE])([-+]?)([0-9]+)"
+)
 
 _TYPE_WORDS = {
     "string": "a string",
@@ -190,14 +195,38 @@ def describe_value(value: Any) -> str:
 
 
 def type_message(name: str, expected: list[str], value: Any) -> str:
-    """Say that `name` must be of the expected JSON types, with a quoting hint."""
+    """Say that `name` must be of the expected JSON types, with a quoting or number hint."""
     words = " or ".join(_TYPE_WORDS.get(kind, kind) for kind in expected)
     message = f"{name} must be {words}, got {describe_value(value)}"
     scalar = value is None or isinstance(value, bool | int | float)
     if "string" in expected and scalar:
         written = describe_value(value).split()[-1]
         message += f'; quote it to make it a string: "{written}"'
+    numeric = "number" in expected or "integer" in expected
+    if numeric and isinstance(value, str):
+        message += _exponent_hint(value, integer="number" not in expected)
     return message
+
+
+def _exponent_hint(text: str, integer: bool) -> str:
+    """Explain why YAML read `text`, a number in exponent notation, as a string.
+
+    YAML 1.1, which PyYAML implements, reads an exponent number as a float only with a
+    dot and a signed exponent: `1.0e+308`, not `1e308` or `1.0e308`.
+    """
+    match = _EXPONENT_NUMBER.fullmatch(text)
+    if match is None:
+        return ""
+    sign, whole, fraction, letter, exponent_sign, exponent = match.groups()
+    number = float(text)
+    if integer and number.is_integer() and abs(number) < 10**15:
+        fix = str(int(number))
+    else:
+        fix = f"{sign}{whole or '0'}.{fraction or '0'}{letter}{exponent_sign or '+'}{exponent}"
+    return (
+        f"; YAML reads {text} as a string, because a number with an exponent needs a dot "
+        f"and a signed exponent: write {fix}"
+    )
 
 
 def value_message(error: ValidationError, path: DocPath) -> str:
@@ -231,9 +260,18 @@ def _as_list(value: Any) -> list[str]:
 def _enum_message(name: str, allowed: Any, value: Any) -> str:
     choices = ", ".join(str(item) for item in _as_list(allowed))
     if name == "version":
-        return f"unsupported version {value!r}; this KubeCI reads version {choices}"
+        return f"unsupported version {_as_written(value)}; this KubeCI reads version {choices}"
     written = repr(value) if isinstance(value, str) else describe_value(value)
     return f"unknown {name} {written}; expected one of {choices}"
+
+
+def _as_written(value: Any) -> str:
+    """Write a value as YAML shows it: `'text'`, `true`, `null`, `2`; or describe a list."""
+    if isinstance(value, str):
+        return repr(value)
+    if value is None or isinstance(value, bool | int | float):
+        return json.dumps(value)
+    return describe_value(value)
 
 
 def _pattern_message(path: DocPath, value: Any) -> str:

@@ -36,6 +36,10 @@ _NON_PRINTABLE = re.compile(
     "[^\x09\x0a\x0d\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]"
 )
 _LINE_BREAK = re.compile("\r\n|[\r\n\x85\u2028\u2029]")
+# Characters a string may not contain once its escapes are read: C0 controls other than
+# tab, line feed and carriage return, and surrogates. Postgres text rejects NUL, and
+# UTF-8 cannot encode a lone surrogate.
+_UNSTORABLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff]")
 
 _Loader: type[yaml.SafeLoader] | type[yaml.CSafeLoader]
 try:
@@ -290,6 +294,9 @@ class _Builder:
             frame.key, frame.key_position = _MERGE, position
             return
         key = event.value
+        unstorable = unstorable_message(key, "key")
+        if unstorable:
+            self.issues.append(Issue((*frame.path, key), unstorable, position=position))
         self._register_anchor(event.anchor, key, (), len(self.entries))
         first = frame.key_positions.get(key)
         if first is not None:
@@ -310,7 +317,8 @@ class _Builder:
             implicit = event.implicit
             tag = self.resolver.resolve(yaml.ScalarNode, event.value, implicit)  # type: ignore[no-untyped-call]
         if tag in (_TAG + "str", _TAG + "timestamp", _TAG + "merge"):
-            return event.value
+            message = unstorable_message(event.value, "string")
+            return self._invalid(path, message) if message else event.value
         node = yaml.ScalarNode(tag, event.value)
         constructors = {
             _TAG + "int": self.constructor.construct_yaml_int,
@@ -406,6 +414,25 @@ class _Builder:
             path, key, value = self.entries[index]
             if len(path) > size and path[:size] == merge.base and path[size] in keys:
                 self._append_entry(target + path[size:], key, value)
+
+
+def unstorable_message(text: str, noun: str) -> str | None:
+    """Return the problem with a string that contains a character KubeCI cannot store.
+
+    Only escapes in double-quoted scalars (`"\\0"`, `"\\x01"`, `"\\e"`) produce these,
+    because `read_yaml` rejects such raw characters in the file. Returns None when the
+    string is fine.
+    """
+    bad = _UNSTORABLE.search(text)
+    if bad is None:
+        return None
+    code = ord(bad.group())
+    kind = "a control character" if code < 0x20 else "a lone surrogate"
+    return (
+        f"invalid character U+{code:04X} ({kind}) in the {noun} {_shorten(text)!r}: "
+        "strings may contain no control characters other than tab, line feed and "
+        "carriage return, and no lone surrogates. Remove the escape that writes it"
+    )
 
 
 def _short_tag(tag: str | None) -> str:

@@ -25,6 +25,7 @@ from bot.actions.kubernetes_job import KubernetesJobAction
 from bot.actions.local_backend import LocalDeploymentAction, LocalJobAction
 from bot.actions.registry import build_actions
 from bot.config import ConfigError, Settings
+from bot.net.secrets import SecretStore
 from tests.fakes.kubernetes import AttemptRecorder, make_attempt
 
 PY = sys.executable
@@ -97,6 +98,19 @@ async def test_local_job_environment(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert recorder.text("local/stdout") == (
         "ci http://127.0.0.1:8080/callbacks/tok-123 tok-123 None\n"
     )
+
+
+async def test_local_job_command_line_masked(tmp_path: Path) -> None:
+    # A quote in the secret makes shlex.quote split it, so masking must come first.
+    recorder = AttemptRecorder()
+    secret = "it's-a-secret"
+    arguments = python_job("print(1)", args=[secret, f"--token={secret}"])
+    mask = SecretStore({"X": secret}).mask
+    await LocalJobAction(Settings(data_dir=tmp_path)).execute(job(recorder, arguments, mask=mask))
+
+    line = recorder.text("kubeci")
+    assert "s-a-secret" not in line
+    assert "'--token=***'" in line
 
 
 async def test_local_job_args_follow_command(tmp_path: Path) -> None:
@@ -217,6 +231,56 @@ async def test_local_job_output_cap(tmp_path: Path) -> None:
     text = recorder.text("local/stdout")
     assert text.startswith("x" * 50)
     assert "[output cut: longer than 50 bytes]" in text
+
+
+async def test_local_job_nul_output_replaced(tmp_path: Path) -> None:
+    recorder = AttemptRecorder()
+    code = "import sys; sys.stdout.write('a' + chr(0) + 'b' + chr(10)); print('after')"
+    result = await LocalJobAction(Settings(data_dir=tmp_path)).execute(
+        job(recorder, python_job(code))
+    )
+
+    assert result.outcome == "succeeded"
+    assert recorder.text("local/stdout") == "a\ufffdb\nafter\n"
+
+
+async def test_local_job_long_line_split_whole(tmp_path: Path) -> None:
+    # 200 KB without a line break, of two-byte characters that chunks may split.
+    recorder = AttemptRecorder()
+    code = "import sys; sys.stdout.write(chr(233) * 100000)"
+    await LocalJobAction(Settings(data_dir=tmp_path)).execute(job(recorder, python_job(code)))
+
+    assert recorder.text("local/stdout") == "\u00e9" * 100000
+    assert len([entry for entry in recorder.logs if entry[1] == "local/stdout"]) > 1
+
+
+async def test_local_job_log_failure_drains_output(tmp_path: Path) -> None:
+    # Far more output than a pipe buffers: the command would block if nobody read it.
+    recorder = AttemptRecorder()
+
+    async def failing_append(source: str, text: str) -> None:
+        if source.startswith("local/"):
+            raise OSError("the database is gone")
+        await recorder.append_log(source, text)
+
+    code = "[print('line', i, 'x' * 60) for i in range(5000)]"
+    context = job(recorder, python_job(code), append_log=failing_append, remaining_s=20.0)
+    result = await LocalJobAction(Settings(data_dir=tmp_path)).execute(context)
+
+    assert result.outcome == "succeeded"
+    assert recorder.text("local/stdout") == ""
+
+
+async def test_local_job_nul_argument_fails(tmp_path: Path) -> None:
+    arguments = python_job("print(1)", args=["a\x00b"])
+    result = await LocalJobAction(Settings(data_dir=tmp_path)).execute(
+        job(AttemptRecorder(), arguments)
+    )
+
+    assert result.outcome == "failed"
+    assert result.retryable is False
+    assert "null byte" in result.message
+    assert "\x00" not in result.message
 
 
 # --- Deployments ---------------------------------------------------------------------

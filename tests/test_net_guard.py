@@ -30,7 +30,20 @@ METADATA_NAMES = {
     "mapped.test": ["::ffff:169.254.169.254"],
     "mixed.test": ["127.0.0.1", "169.254.169.254"],
     "local.test": ["127.0.0.1"],
+    "compat.test": ["::a9fe:a9fe"],
+    "nat64.test": ["64:ff9b::169.254.169.254"],
+    "sixtofour.test": ["2002:a9fe:a9fe::1"],
 }
+
+# IPv6 addresses that carry a link-local IPv4 address: (case, address).
+EMBEDDED_LINK_LOCAL = [
+    ("ipv4-compatible hex", "::a9fe:a9fe"),
+    ("ipv4-compatible dotted", "::169.254.169.254"),
+    ("nat64", "64:ff9b::a9fe:a9fe"),
+    ("nat64 dotted", "64:ff9b::169.254.0.1"),
+    ("6to4", "2002:a9fe:a9fe::1"),
+    ("teredo client", "2001:0:4136:e378:8000:63bf:5601:5601"),
+]
 
 
 @pytest.fixture
@@ -54,6 +67,38 @@ def test_policy_rejects_ipv4_mapped_metadata() -> None:
 @pytest.mark.parametrize("address", ["127.0.0.1", "10.1.2.3", "192.0.2.10", "2001:db8::1"])
 def test_policy_allows_ordinary_addresses(address: str) -> None:
     OutboundPolicy.from_lists().check_address("host.test", address)
+
+
+@pytest.mark.parametrize(
+    "address",
+    [case[1] for case in EMBEDDED_LINK_LOCAL],
+    ids=[case[0] for case in EMBEDDED_LINK_LOCAL],
+)
+def test_policy_rejects_embedded_link_local(address: str) -> None:
+    with pytest.raises(OutboundAddressRefused) as caught:
+        OutboundPolicy.from_lists().check_address("host.test", address)
+    assert "carries the IPv4 address 169.254." in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "address", ["::1", "64:ff9b::a00:1", "2002:c000:20a::1", "2001:0:4136:e378:8000:63bf:3fff:fdd2"]
+)
+def test_policy_allows_embedded_ordinary(address: str) -> None:
+    OutboundPolicy.from_lists().check_address("host.test", address)
+
+
+def test_policy_allow_covers_embedded_address() -> None:
+    policy = OutboundPolicy.from_lists(allow=["169.254.10.0/24"])
+    policy.check_address("host.test", "64:ff9b::169.254.10.5")
+    with pytest.raises(OutboundAddressRefused):
+        policy.check_address("host.test", "64:ff9b::169.254.169.254")
+
+
+def test_policy_deny_covers_embedded_address() -> None:
+    policy = OutboundPolicy.from_lists(deny=["10.0.0.0/8"])
+    with pytest.raises(OutboundAddressRefused) as caught:
+        policy.check_address("host.test", "2002:a00:1::1")
+    assert "KUBECI_OUTBOUND_DENY" in str(caught.value)
 
 
 def test_policy_message_names_host_address_setting() -> None:
@@ -113,7 +158,9 @@ def test_policy_invalid_cidr_is_config_error() -> None:
     assert "10.0.0.0/33" in str(caught.value)
 
 
-@pytest.mark.parametrize("host", ["metadata.test", "metadata6.test", "linklocal6.test"])
+@pytest.mark.parametrize(
+    "host", ["metadata.test", "metadata6.test", "linklocal6.test", "compat.test", "nat64.test"]
+)
 async def test_resolver_rejects_metadata_answers(stub: StubResolver, host: str) -> None:
     resolver = GuardedResolver(stub, OutboundPolicy.from_lists())
     with pytest.raises(OutboundAddressRefused) as caught:
@@ -147,7 +194,9 @@ async def test_resolver_passes_allowed_answers(stub: StubResolver) -> None:
     assert [result["host"] for result in results] == ["127.0.0.1"]
 
 
-@pytest.mark.parametrize("host", ["metadata.test", "metadata6.test", "linklocal6.test"])
+@pytest.mark.parametrize(
+    "host", ["metadata.test", "metadata6.test", "linklocal6.test", "sixtofour.test"]
+)
 async def test_session_rejects_resolved_metadata(stub: StubResolver, host: str) -> None:
     session = make_session(Settings(), resolver=stub, trace_configs=[guard_tripwire(stub)])
     async with session:
@@ -163,6 +212,9 @@ async def test_session_rejects_resolved_metadata(stub: StubResolver, host: str) 
         "http://[fd00:ec2::254]/latest/meta-data/",
         "http://[fe80::1]/",
         "http://[::ffff:169.254.169.254]/",
+        "http://[::a9fe:a9fe]/",
+        "http://[64:ff9b::a9fe:a9fe]/",
+        "http://[2002:a9fe:a9fe::1]/",
     ],
 )
 async def test_session_rejects_literal_metadata_ip(stub: StubResolver, url: str) -> None:

@@ -235,6 +235,16 @@ async def test_4xx_dead_without_exception(db: asyncpg.Pool, fake_target: FakeTar
     assert "HTTP 400: invalid_payload" in record["last_error"]
 
 
+async def test_nul_error_body_recorded(db: asyncpg.Pool, fake_target: FakeTarget) -> None:
+    fake_target.script("/audit", Reply(400, b"bad\x00input"))
+    await enqueue_for(db, [webhook(fake_target.url("/audit"))])
+    await sender(db).drain_once()
+    record = (await outbox(db))[0]
+    assert len(fake_target.received("/audit")) == 1
+    assert record["state"] == "dead"
+    assert "HTTP 400: bad\ufffdinput" in record["last_error"]
+
+
 async def test_5xx_retried_then_dead(db: asyncpg.Pool, fake_target: FakeTarget) -> None:
     fake_target.script("/audit", Reply(502, "bad gateway"))
     await enqueue_for(db, [webhook(fake_target.url("/audit"))])

@@ -208,6 +208,31 @@ async def test_sink_exception_message_masked(db: asyncpg.Pool) -> None:
     assert "s3cret" not in (await row(db, row_id))["last_error"]
 
 
+async def test_nul_in_retry_error_stored(db: asyncpg.Pool) -> None:
+    row_id = await add(db)
+    sink = ScriptedSink(SinkOutcome.retry("HTTP 500: oops\x00\ud800", retry_after_s=60))
+    await make_sender(db, sink).drain_once()
+    record = await row(db, row_id)
+    assert record["state"] == "pending"
+    assert record["lease_owner"] is None
+    assert record["last_error"] == "HTTP 500: oops\ufffd\ufffd"
+
+
+async def test_nul_in_dead_error_stored(db: asyncpg.Pool) -> None:
+    row_id = await add(db)
+    await make_sender(db, ScriptedSink(SinkOutcome.dead("HTTP 400: \x00"))).drain_once()
+    record = await row(db, row_id)
+    assert record["state"] == "dead"
+    assert record["last_error"] == "HTTP 400: \ufffd"
+
+
+async def test_nul_in_payload_stored(db: asyncpg.Pool) -> None:
+    row_id = await add(db, payload={"message": "bad\x00byte", "list": ["\x00"], "k\x00": 1})
+    record = await row(db, row_id)
+    payload = record["payload"]
+    assert payload == {"message": "bad\ufffdbyte", "list": ["\ufffd"], "k\ufffd": 1}
+
+
 async def test_sink_timeout_retried(db: asyncpg.Pool) -> None:
     row_id = await add(db)
     sink = ScriptedSink(SinkOutcome.sent())

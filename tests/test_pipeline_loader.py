@@ -973,6 +973,107 @@ def test_known_placeholders_accepted() -> None:
     assert validate_text(text) == []
 
 
+def test_rule_regex_in_runtime_syntax_accepted() -> None:
+    # `\p{...}` is valid for the `regex` package that matches rules, not for `re`.
+    text = _variant("steps:\n", "rules: {label: branch, regex: '\\p{Lu}+'}\n    steps:\n")
+    assert validate_text(text) == []
+
+
+# (case, escape in a double-quoted string, the character it writes)
+UNSTORABLE_ESCAPES = [
+    ("nul", "\\0", "U+0000"),
+    ("escape character", "\\e", "U+001B"),
+    ("hex control", "\\x01", "U+0001"),
+]
+
+
+@pytest.mark.parametrize(
+    ("escape", "code"),
+    [case[1:] for case in UNSTORABLE_ESCAPES],
+    ids=[case[0] for case in UNSTORABLE_ESCAPES],
+)
+def test_control_escape_in_value_rejected(escape: str, code: str) -> None:
+    text = _variant('run"}', f'run", body: "a{escape}b"}}')
+    problems = validate_text(text)
+    assert len(problems) == 1, problems
+    assert problems[0].path == "jobs[0].steps[0].tasks[0].arguments.body"
+    assert f"invalid character {code}" in problems[0].message
+    line = text.splitlines()[7]
+    assert (problems[0].line, problems[0].column) == (8, line.index('"a') + 1)
+
+
+def test_control_escape_in_key_rejected() -> None:
+    text = _variant('run"}', 'run", headers: {"X-A\\0": "1"}}')
+    problems = validate_text(text)
+    assert len(problems) == 1, problems
+    assert problems[0].path == 'jobs[0].steps[0].tasks[0].arguments.headers["X-A\\u0000"]'
+    assert "invalid character U+0000" in problems[0].message
+    assert "in the key" in problems[0].message
+
+
+def test_allowed_escapes_accepted() -> None:
+    text = _variant('run"}', 'run", body: "tab\\tline\\nreturn\\r\\u00e9"}')
+    assert validate_text(text) == []
+
+
+def test_nul_escape_raises_pipeline_error() -> None:
+    with pytest.raises(PipelineError) as caught:
+        load_pipeline(_variant('run"}', 'run", body: "a\\0b"}'))
+    assert "arguments.body" in str(caught.value)
+
+
+def test_nested_placeholder_rejected() -> None:
+    text = _variant('"https://ci.example.com/run"', '"https://x.example.com/${labels.${x}}"')
+    problems = validate_text(text)
+    assert len(problems) == 1, problems
+    assert problems[0].path == "jobs[0].steps[0].tasks[0].arguments.url"
+    assert "nested placeholder: '${labels.${x'" in problems[0].message
+
+
+def test_version_true_written_as_yaml() -> None:
+    problems = validate_text("version: true\n" + BASE)
+    messages = " ".join(problem.message for problem in problems)
+    assert "unsupported version true;" in messages
+    assert "True" not in messages
+
+
+# (case, task key and value, the value, expected words, loadable fix)
+EXPONENT_CASES = [
+    (
+        "number",
+        "backoff: {factor: 1e308}",
+        "1e308",
+        "write 1.0e+308",
+        "backoff: {factor: 1.0e+308}",
+    ),
+    ("unsigned exponent", "timeout_s: 2.5e3", "2.5e3", "write 2.5e+3", "timeout_s: 2.5e+3"),
+    ("negative exponent", "timeout_s: 5e-1", "5e-1", "write 5.0e-1", "timeout_s: 5.0e-1"),
+    ("integer", "retries: 1e1", "1e1", "write 10", "retries: 10"),
+]
+
+
+def _task_line(line: str) -> str:
+    return _variant("action: webhook\n", f"action: webhook\n            {line}\n")
+
+
+@pytest.mark.parametrize(
+    ("line", "written", "words", "fixed"),
+    [case[1:] for case in EXPONENT_CASES],
+    ids=[case[0] for case in EXPONENT_CASES],
+)
+def test_exponent_without_dot_hint(line: str, written: str, words: str, fixed: str) -> None:
+    problems = validate_text(_task_line(line))
+    assert len(problems) == 1, problems
+    assert f"YAML reads {written} as a string" in problems[0].message
+    assert words in problems[0].message
+    assert validate_text(_task_line(fixed)) == []
+
+
+def test_exponent_hint_only_for_numbers() -> None:
+    text = _variant('run"}', 'run", headers: {X-Size: 1e3}}')
+    assert validate_text(text) == []
+
+
 # -- input that is not a pipeline ---------------------------------------------------------
 
 JUNK_CASES = [

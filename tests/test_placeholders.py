@@ -126,6 +126,7 @@ def test_known_placeholder(name: str) -> None:
         "secrets.my-token",
         "labels.",
         "labels.a b",
+        "labels.${x",
         "run",
         "pr",
         "branches",

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import re
+import logging
 from typing import Any
 
 import pytest
+import regex
 
 from pipelines_schema.models import Rule, RuleGroup
-from pipelines_schema.rules import matches
+from pipelines_schema.rules import MAX_MATCHED_CHARS, compile_pattern, matches
 
 LABELS: dict[str, Any] = {
     "event": "push",
@@ -118,5 +119,44 @@ def test_rule_without_test_raises() -> None:
 
 
 def test_invalid_regex_raises() -> None:
-    with pytest.raises(re.error):
+    with pytest.raises(regex.error):
         matches(Rule("branch", regex="("), LABELS)
+
+
+# A pattern that backtracks exponentially on a run of "a" with no "b" after it.
+BACKTRACKING = "(a|aa)+b"
+
+
+def test_backtracking_regex_is_no_match() -> None:
+    assert matches(Rule("branch", regex=BACKTRACKING), {"branch": "a" * 40}) is False
+
+
+def test_backtracking_regex_inverted_passes() -> None:
+    rule = Rule("branch", regex=BACKTRACKING, invert=True)
+    assert matches(rule, {"branch": "a" * 40}) is True
+
+
+def test_regex_timeout_logged_with_pattern(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="pipelines_schema.rules"):
+        matches(Rule("branch", regex=BACKTRACKING), {"branch": "a" * 40})
+    assert "timed out" in caplog.text
+    assert BACKTRACKING in caplog.text
+
+
+def test_regex_long_label_is_no_match() -> None:
+    long_value = "a" * (MAX_MATCHED_CHARS + 1)
+    assert matches(Rule("branch", regex="a+"), {"branch": long_value}) is False
+
+
+def test_regex_label_at_limit_matches() -> None:
+    value = "a" * MAX_MATCHED_CHARS
+    assert matches(Rule("branch", regex="a+"), {"branch": value}) is True
+
+
+def test_regex_compiled_once() -> None:
+    assert compile_pattern(r"release/\d+") is compile_pattern(r"release/\d+")
+
+
+def test_regex_unicode_property_matches() -> None:
+    # `regex` syntax, which the loader checks with the same engine.
+    assert matches(Rule("branch", regex=r"\p{Lu}+"), {"branch": "ÄB"}) is True

@@ -149,6 +149,16 @@ def test_invalid_utf8_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert f"{path}:1:10: the file is not valid UTF-8" in capsys.readouterr().out
 
 
+def test_nul_escape_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / ".kubeci.yml"
+    path.write_text(VALID.replace("[pytest]", '[pytest, "-k\\0"]'), encoding="utf-8")
+    status = main([str(path)])
+    output = capsys.readouterr().out
+    assert status == 1
+    assert f"{path}:8:" in output
+    assert "arguments.command[1]: invalid character U+0000" in output
+
+
 @pytest.mark.slow
 def test_module_entry_point_stdin() -> None:
     result = subprocess.run(

@@ -275,6 +275,15 @@ async def test_excerpt_bounded_at_4_kib(
     assert "\ufffd" not in result.response_excerpt
 
 
+async def test_nul_in_body_replaced_in_excerpt(
+    action: WebhookAction, fake_target: FakeTarget, recorder: Recorder
+) -> None:
+    fake_target.script("/run", Reply(200, b"\x89PNG\x00\x00"))
+    result = await action.execute(make_ctx(recorder, {"url": fake_target.url("/run")}))
+    assert result.outcome == "succeeded"
+    assert result.response_excerpt == "\ufffdPNG\ufffd\ufffd"
+
+
 async def test_secret_masked_in_excerpt_and_log(
     action: WebhookAction, fake_target: FakeTarget, recorder: Recorder
 ) -> None:
@@ -284,6 +293,36 @@ async def test_secret_masked_in_excerpt_and_log(
     assert result.response_excerpt == "bad token ***"
     assert SECRET not in result.message
     assert all(SECRET not in text for _, text in recorder.logs)
+
+
+async def test_echoed_callback_url_hidden(
+    action: WebhookAction, fake_target: FakeTarget, recorder: Recorder
+) -> None:
+    body = "url http://127.0.0.1:9/callbacks/token-abc token token-abc json token-abc"
+    fake_target.script("/run", Reply(202, body))
+    arguments = {"url": fake_target.url("/run"), "mode": "async"}
+    result = await action.execute(make_ctx(recorder, arguments))
+    assert result.outcome == "parked"
+    assert result.response_excerpt == "url *** token *** json ***"
+
+
+async def test_callback_token_hidden_in_url_and_log(
+    action: WebhookAction, fake_target: FakeTarget, recorder: Recorder
+) -> None:
+    fake_target.script("/run", Reply(500, "failed"))
+    arguments = {"url": fake_target.url("/run?cb=token-abc"), "mode": "async"}
+    result = await action.execute(make_ctx(recorder, arguments))
+    assert "token-abc" not in result.message
+    assert all("token-abc" not in text for _, text in recorder.logs)
+    assert "cb=***" in result.message
+
+
+async def test_callback_token_hidden_in_failure(action: WebhookAction, recorder: Recorder) -> None:
+    arguments = {"url": "http://127.0.0.1:1/run?cb=token-abc", "connect_timeout_s": 1}
+    result = await action.execute(make_ctx(recorder, arguments))
+    assert result.outcome == "failed"
+    assert "token-abc" not in result.message
+    assert all("token-abc" not in text for _, text in recorder.logs)
 
 
 async def test_response_log_line(

@@ -10,6 +10,7 @@ in a JSON file instead of changing a cluster.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import fcntl
 import json
@@ -37,12 +38,15 @@ from bot.actions.kubernetes_job import (
     run_to_end,
 )
 from bot.config import Settings
+from bot.store.text import clean_text
 
 log = logging.getLogger(__name__)
 
 # Variables a local command inherits from KubeCI's environment; nothing else leaks in
 # (KubeCI's own secrets and DATABASE_URL stay out).
 INHERITED_ENV: Final = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR")
+# Output is read, and a line without a line break is logged, in pieces of this size.
+CHUNK_BYTES: Final = 64 * 1024
 
 
 # --- Jobs ----------------------------------------------------------------------------
@@ -75,7 +79,12 @@ def local_command(args: JobArguments) -> tuple[list[str], dict[str, str], str]:
 
 
 class _OutputLog:
-    """Appends one output stream to the attempt log, line by line, up to a size cap."""
+    """Appends one output stream to the attempt log, line by line, up to a size cap.
+
+    The stream is read to its end even past the cap or after a failed log write, so the
+    command does not stall on a full pipe. Output past the cap, or after a failed write,
+    is dropped.
+    """
 
     def __init__(self, ctx: AttemptContext, source: str, cap_bytes: int) -> None:
         self.ctx = ctx
@@ -83,31 +92,50 @@ class _OutputLog:
         self.cap_bytes = cap_bytes
         self.sent_bytes = 0
         self.truncated = False
+        self.write_failed = False
         self.tail = ""
         self._pending = b""
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
 
     async def pump(self, stream: asyncio.StreamReader) -> None:
-        while chunk := await stream.read(64 * 1024):
+        while chunk := await stream.read(CHUNK_BYTES):
             self._pending += chunk
             cut = self._pending.rfind(b"\n") + 1
+            if not cut and len(self._pending) >= CHUNK_BYTES:
+                cut = len(self._pending)  # a long line without a line break
             if cut:
                 await self._send(self._pending[:cut])
                 self._pending = self._pending[cut:]
-        await self._send(self._pending)
+        await self._send(self._pending, final=True)
         self._pending = b""
 
-    async def _send(self, data: bytes) -> None:
-        if self.truncated or not data:
+    async def _send(self, data: bytes, final: bool = False) -> None:
+        if self.truncated or (not data and not final):
             return
         room = self.cap_bytes - self.sent_bytes
         if len(data) > room:
             data, self.truncated = data[:room], True
         self.sent_bytes += len(data)
-        text = data.decode("utf-8", "replace")
+        # Postgres text cannot contain NUL, which binary output often has.
+        text = clean_text(self._decoder.decode(data, final=final or self.truncated))
         if self.truncated:
             text += f"\n[output cut: longer than {self.cap_bytes} bytes]\n"
-        await self.ctx.append_log(self.source, text)
         self.tail = (self.tail + text)[-4000:]
+        if text and not self.write_failed:
+            await self._append(text)
+
+    async def _append(self, text: str) -> None:
+        try:
+            await self.ctx.append_log(self.source, text)
+        except Exception:
+            # Storing the log is best effort; the command's outcome does not depend on it.
+            self.write_failed = True
+            log.warning(
+                "cannot store the output of %s; dropping the rest of it",
+                self.source,
+                exc_info=True,
+                extra=log_ids(self.ctx),
+            )
 
 
 async def _read_pipe(fd: int) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]:
@@ -147,15 +175,17 @@ class LocalJobAction:
         except ArgumentError as exc:
             log.info("invalid kubernetes_job arguments: %s", exc, extra=log_ids(ctx))
             return AttemptResult.failure(f"kubernetes_job: {exc}", retryable=False)
+        # Mask before quoting: quoting can split a secret (a quote in it) past masking.
+        masked_argv = [ctx.mask(part) for part in argv]
         log.info(
             "local backend: running %s as a local process; image %s ignored",
-            argv[0],
+            masked_argv[0],
             image,
             extra=log_ids(ctx),
         )
         await ctx.append_log(
             "kubeci",
-            f"Local backend: running {shlex.join(argv)} as a local process. "
+            f"Local backend: running {shlex.join(masked_argv)} as a local process. "
             f"The image {image or '(none)'} is ignored.\n",
         )
         with tempfile.TemporaryDirectory(prefix="kubeci-job-") as workdir:
@@ -178,10 +208,12 @@ class LocalJobAction:
                 cwd=workdir,
                 start_new_session=True,
             )
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
+            # ValueError: a NUL byte in an argument or an environment variable.
             os.close(out_read)
             os.close(err_read)
-            message = f"cannot start {argv[0]!r}: {exc.strerror or exc}"
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            message = clean_text(ctx.mask(f"cannot start {ctx.mask(argv[0])!r}: {reason}"))
             log.info("local command failed to start: %s", message, extra=log_ids(ctx))
             return AttemptResult.failure(message, retryable=False)
         finally:

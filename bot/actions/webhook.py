@@ -22,6 +22,8 @@ from bot.actions.base import AttemptContext, AttemptResult
 from bot.config import Settings
 from bot.net.guard import OutboundAddressRefused
 from bot.net.http import excerpt, make_session, rate_limit_wait_s, read_bounded, user_agent
+from bot.net.secrets import MASK, encoded_forms
+from bot.store.text import clean_text
 
 log = logging.getLogger(__name__)
 
@@ -156,14 +158,14 @@ class WebhookAction:
         try:
             request = WebhookRequest.from_arguments(ctx.arguments)
         except WebhookArgumentError as exc:
-            return AttemptResult.failure(ctx.mask(str(exc)), retryable=False)
+            return AttemptResult.failure(_hide(ctx, str(exc)), retryable=False)
         if request.mode == "async" and not ctx.callback_url:
             return AttemptResult.failure(
                 "async webhook has no callback URL to send; this is a KubeCI bug, "
                 "the engine must create one for webhook tasks",
                 retryable=False,
             )
-        target = f"{request.method} {ctx.mask(request.url)}"
+        target = f"{request.method} {_hide(ctx, request.url)}"
         try:
             response = await self._send(request, ctx)
         except OutboundAddressRefused as exc:
@@ -212,9 +214,9 @@ class WebhookAction:
         self, request: WebhookRequest, response: _Response, ctx: AttemptContext, target: str
     ) -> AttemptResult:
         status = response.status
-        body_excerpt = excerpt(
-            ctx.mask(response.body.decode("utf-8", "replace")), EXCERPT_MAX_BYTES
-        )
+        # Postgres text cannot contain NUL, which binary bodies often have.
+        body_text = clean_text(response.body.decode("utf-8", "replace"))
+        body_excerpt = excerpt(_hide(ctx, body_text), EXCERPT_MAX_BYTES)
         details: dict[str, Any] = {"response_status": status, "response_excerpt": body_excerpt}
         await ctx.append_log("response", f"{target} -> HTTP {status} in {response.elapsed_ms} ms\n")
         if request.is_success(status):
@@ -235,7 +237,7 @@ class WebhookAction:
     async def _failed(
         self, ctx: AttemptContext, target: str, reason: str, *, retryable: bool
     ) -> AttemptResult:
-        message = ctx.mask(f"{target}: {reason}")
+        message = _hide(ctx, f"{target}: {reason}")
         await ctx.append_log("response", message + "\n")
         log.info(
             "webhook attempt failed: %s",
@@ -243,6 +245,24 @@ class WebhookAction:
             extra={"run_id": ctx.run_id, "task_id": ctx.task_id, "attempt_id": ctx.attempt_id},
         )
         return AttemptResult.failure(message, retryable=retryable)
+
+
+def _hide(ctx: AttemptContext, text: str) -> str:
+    """Mask secrets, the callback URL and its token in text that the action stores or logs.
+
+    The callback URL contains a live single-use token, and a target that echoes the
+    request back would otherwise put it on the run page.
+    """
+    text = ctx.mask(text)
+    forms = {
+        form
+        for value in (ctx.callback_url, ctx.callback_token)
+        if value
+        for form in encoded_forms(value)
+    }
+    for form in sorted(forms, key=len, reverse=True):
+        text = text.replace(form, MASK)
+    return text
 
 
 def _encode_body(body: Any, headers: CIMultiDict[str]) -> bytes | None:

@@ -35,6 +35,7 @@ BLOCKED_BY_DEFAULT: tuple[IPNetwork, ...] = (
     ipaddress.ip_network("fe80::/10"),
     ipaddress.ip_network("fd00:ec2::254/128"),
 )
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
 class OutboundAddressRefused(Exception):
@@ -57,6 +58,29 @@ def parse_address(text: str) -> IPAddress | None:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
+
+
+def embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
+    """Return the IPv4 address that an IPv6 address carries, else None.
+
+    The forms: IPv4-compatible `::a.b.c.d` (deprecated, RFC 4291), NAT64 `64:ff9b::/96`
+    (RFC 6052), 6to4 `2002::/16` (RFC 3056) and Teredo `2001::/32` (the client, RFC 4380).
+    A network that routes these forms reaches the IPv4 host, link-local ones included.
+    """
+    if not isinstance(address, ipaddress.IPv6Address):
+        return None
+    value = int(address)
+    if value >> 32 == 0 and value > 1:  # not :: or ::1
+        return ipaddress.IPv4Address(value)
+    if address in _NAT64:
+        return ipaddress.IPv4Address(value & 0xFFFFFFFF)
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address.teredo is not None:
+        return address.teredo[1]
+    # NOTE: local-use NAT64 prefixes (64:ff9b:1::/48 and operator prefixes) place the
+    # IPv4 address by prefix length, which the guard cannot know; deny them if routed.
+    return None
 
 
 def _normalize_host(host: str) -> str:
@@ -139,24 +163,37 @@ class OutboundPolicy:
             )
 
     def check_address(self, host: str, address_text: str) -> None:
-        """Raise `OutboundAddressRefused` when `host` may not be reached at this address."""
+        """Raise `OutboundAddressRefused` when `host` may not be reached at this address.
+
+        An IPv6 address that carries an IPv4 address (see `embedded_ipv4`) is checked as
+        both addresses.
+        """
         address = parse_address(address_text)
         if address is None:
             raise OutboundAddressRefused(host, address_text, "the address is not a valid IP")
-        if self.deny.matches_address(address):
+        embedded = embedded_ipv4(address)
+        candidates = [address] if embedded is None else [address, embedded]
+        carries = "" if embedded is None else f" (it carries the IPv4 address {embedded})"
+        if any(self.deny.matches_address(candidate) for candidate in candidates):
             raise OutboundAddressRefused(
-                host, str(address), "the address is in a range listed in KUBECI_OUTBOUND_DENY"
+                host,
+                str(address),
+                f"the address{carries} is in a range listed in KUBECI_OUTBOUND_DENY",
             )
-        if not any(address in network for network in BLOCKED_BY_DEFAULT):
+        if not any(_blocked_by_default(candidate) for candidate in candidates):
             return
-        if self.allow.matches_address(address) or self.allow.matches_host(host):
+        if self.allow.matches_host(host) or any(map(self.allow.matches_address, candidates)):
             return
         raise OutboundAddressRefused(
             host,
             str(address),
-            "link-local and cloud metadata addresses are blocked by default; "
+            f"link-local and cloud metadata addresses are blocked by default{carries}; "
             "add the address or host to KUBECI_OUTBOUND_ALLOW to allow it",
         )
+
+
+def _blocked_by_default(address: IPAddress) -> bool:
+    return any(address in network for network in BLOCKED_BY_DEFAULT)
 
 
 class GuardedResolver(AbstractResolver):

@@ -7,8 +7,11 @@ Files are read on every lookup, so a rotated secret takes effect without a resta
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import shlex
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,7 +20,32 @@ from bot.config import Settings
 log = logging.getLogger(__name__)
 
 MASK = "***"
+# How many times over a JSON-escaped secret is still masked.
+JSON_ESCAPE_LEVELS = 2
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+
+
+def encoded_forms(value: str) -> set[str]:
+    """Return the forms in which `value` may appear in text that KubeCI stores.
+
+    Targets often echo a request back: JSON escapes quotes, backslashes and (by default)
+    non-ASCII characters, and a JSON request body echoed inside a JSON response is escaped
+    twice. URLs and forms percent-encode. `shlex.quote` is how the local backend writes
+    a command line.
+    """
+    forms = {value, urllib.parse.quote(value, safe=""), urllib.parse.quote_plus(value, safe="")}
+    forms.add(shlex.quote(value))
+    escaped = {value}
+    for _ in range(JSON_ESCAPE_LEVELS):
+        escaped = {
+            _json_escape(form, ascii_only) for form in escaped for ascii_only in (True, False)
+        }
+        forms |= escaped
+    return forms
+
+
+def _json_escape(text: str, ascii_only: bool) -> str:
+    return json.dumps(text, ensure_ascii=ascii_only)[1:-1]
 
 
 class SecretNotFound(LookupError):
@@ -64,9 +92,11 @@ class SecretStore:
         return sorted(set(found), key=len, reverse=True)
 
     def mask(self, text: str) -> str:
-        """Replace every secret value in `text` with `***`."""
-        for value in self.values():
-            text = text.replace(value, MASK)
+        """Replace every secret value in `text` with `***`, in each form of `encoded_forms`."""
+        forms = {form for value in self.values() for form in encoded_forms(value)}
+        # Longest first, so that a form containing another is replaced whole.
+        for form in sorted(forms, key=len, reverse=True):
+            text = text.replace(form, MASK)
         return text
 
     @staticmethod

@@ -23,6 +23,7 @@ from bot.net.http import excerpt, make_session, rate_limit_wait_s, read_bounded
 from bot.net.secrets import SecretStore
 from bot.net.sinks import OutboxRow, Sink, SinkOutcome, SinkState
 from bot.notifiers.templates import Placeholders, TemplateError, default_slack_text
+from bot.store.text import clean_text
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,9 @@ class _NotifierSink(abc.ABC):
     ) -> SinkOutcome:
         if 200 <= status <= 299:
             return SinkOutcome.sent(f"HTTP {status}")
-        text = excerpt(self._secrets.mask(body.decode("utf-8", "replace")), ERROR_EXCERPT_BYTES)
+        # The outbox stores this message, and Postgres text rejects NUL.
+        body_text = clean_text(body.decode("utf-8", "replace"))
+        text = excerpt(self._secrets.mask(body_text), ERROR_EXCERPT_BYTES)
         message = f"{target} returned HTTP {status}" + (f": {text}" if text else "")
         if status == 429 or 500 <= status <= 599:
             return SinkOutcome.retry(message, retry_after_s=rate_limit_wait_s(headers))

@@ -28,6 +28,7 @@ from asyncpg.pool import PoolConnectionProxy
 from bot.net.http import backoff_delay_s
 from bot.net.sinks import OutboxInsert, OutboxRow, Sink, SinkOutcome, SinkState, payload_hash
 from bot.store.db import DB_ERRORS, WAKE_CHANNEL
+from bot.store.text import clean_json, clean_text
 
 log = logging.getLogger(__name__)
 
@@ -117,14 +118,18 @@ async def enqueue(
     payload: dict[str, Any],
     run_id: int | None = None,
 ) -> int:
-    """Insert an outbox row and wake the senders when the transaction commits."""
+    """Insert an outbox row and wake the senders when the transaction commits.
+
+    Strings in `payload` are stored with NUL and lone surrogates replaced by U+FFFD,
+    because Postgres jsonb rejects them.
+    """
     row_id: int = await conn.fetchval(
         "INSERT INTO outbox (kind, ordering_key, sink_key, payload, run_id)"
         " VALUES ($1, $2, $3, $4::jsonb, $5) RETURNING id",
         kind,
         ordering_key,
         sink_key,
-        payload,
+        clean_json(payload),
         run_id,
     )
     # Same as bot.store.db.notify, which is typed for plain connections only.
@@ -310,7 +315,8 @@ class OutboxSender:
         return SinkState(record["sink_key"], record["payload_hash"], record["remote_id"])
 
     async def _record(self, row: OutboxRow, outcome: SinkOutcome, row_hash: str) -> None:
-        message = self._mask(outcome.message)
+        # Postgres text rejects NUL, which an error body may contain.
+        message = clean_text(self._mask(outcome.message))
         if outcome.kind == "retry" and row.attempts >= self._retry.max_attempts:
             outcome = SinkOutcome.dead(f"gave up after {row.attempts} attempts: {message}")
             message = outcome.message

@@ -210,6 +210,12 @@ _FORBIDDEN = (
     ipaddress.ip_network("169.254.0.0/16"),
     ipaddress.ip_network("fe80::/10"),
     ipaddress.ip_network("fd00:ec2::254/128"),
+    # IPv6 forms that carry an IPv4 address (IPv4-compatible, NAT64, 6to4, Teredo): no
+    # test connects to any of them, whatever the IPv4 address.
+    ipaddress.ip_network("::/96"),
+    ipaddress.ip_network("64:ff9b::/96"),
+    ipaddress.ip_network("2002::/16"),
+    ipaddress.ip_network("2001::/32"),
 )
 
 
@@ -220,6 +226,8 @@ def _forbidden(address: str) -> bool:
         return False
     if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
         parsed = parsed.ipv4_mapped
+    if parsed in (ipaddress.IPv6Address("::"), ipaddress.IPv6Address("::1")):
+        return False
     return any(parsed in network for network in _FORBIDDEN)
 
 
