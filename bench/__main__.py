@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -96,6 +97,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     sizes = SIZES[args.size]
     out_dir = Path(args.out)
     facts = await machine_facts(server_dsn())
+    load_at_start = os.getloadavg()[0]
     benchmarks = await run_benchmarks(
         sizes, args.runs, tuple(args.only), out_dir / "logs", args.profile
     )
@@ -109,6 +111,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "profiled": args.profile,
         "benchmarks": benchmarks,
         "duration_s": time.monotonic() - started,
+        "load_average": {"start": load_at_start, "end": os.getloadavg()[0]},
     }
 
 

@@ -64,6 +64,13 @@ def postgres_cpu_seconds() -> dict[int, float]:
     return found
 
 
+def machine_busy_seconds() -> float:
+    """CPU time all cores of this machine spent on any work so far (from /proc/stat)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / _CLOCK_TICKS_PER_S
+
+
 @dataclass
 class CpuClock:
     """Wall time and CPU time of chosen processes, and of Postgres, over one window.
@@ -76,11 +83,13 @@ class CpuClock:
     started_wall_s: float = 0.0
     started_cpu_s: dict[str, float] | None = None
     started_postgres_s: dict[int, float] | None = None
+    started_machine_s: float = 0.0
 
     def start(self) -> None:
         self.started_wall_s = time.perf_counter()
         self.started_cpu_s = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
         self.started_postgres_s = postgres_cpu_seconds()
+        self.started_machine_s = machine_busy_seconds()
 
     def cores_used(self) -> dict[str, float]:
         """Cores each process used on average since start(), e.g. {"server_cores": 0.97}."""
@@ -93,6 +102,8 @@ class CpuClock:
             cpu_s - self.started_postgres_s.get(pid, 0.0)
             for pid, cpu_s in postgres_cpu_seconds().items()
         )
+        # Everything on the machine, other sessions' work included.
+        used["machine"] = machine_busy_seconds() - self.started_machine_s
         return {f"{name}_cores": round(cpu_s / wall_s, 3) for name, cpu_s in used.items()}
 
 

@@ -134,6 +134,13 @@ def machine_section(results: dict[str, Any]) -> list[str]:
         f"- Runs: {results['runs']} of each benchmark; each figure is the median (min to max)."
         f" The whole benchmark took {results['duration_s']:.0f} s.",
     ]
+    load = results.get("load_average")
+    if load:
+        lines.append(
+            f"- 1-minute load average: {load['start']:.2f} before the run, {load['end']:.2f}"
+            " after it. Other work on this machine slows the figures down; compare the"
+            " machine busy cores with the benchmark's own processes."
+        )
     if results.get("profiled"):
         lines.append("- py-spy sampled the scheduler's worker, which slowed it down.")
     return [*lines, ""]
@@ -161,6 +168,7 @@ def limits_section(benchmarks: dict[str, Any], shapes: dict[str, Any]) -> list[s
         "server cores",
         "client cores",
         "Postgres cores",
+        "machine busy cores",
     ]
     rows = []
     for name, what, rate in LIMIT_ROWS:
@@ -176,6 +184,7 @@ def limits_section(benchmarks: dict[str, Any], shapes: dict[str, Any]) -> list[s
                 cell(summary, "server_cores"),
                 cell(summary, "client_cores"),
                 cell(summary, "postgres_cores"),
+                cell(summary, "machine_cores"),
             ]
         )
     if not rows:
@@ -188,8 +197,9 @@ def limits_section(benchmarks: dict[str, Any], shapes: dict[str, Any]) -> list[s
         f" senders for {load['duration_s']:g} s after {load['warmup_s']:g} s of warm-up."
         f" (d): {claim['connections']} connections in the bench process over a queue of"
         f" {claim['rows']:,} rows indexed on (due_at, id), for {claim['duration_s']:g} s."
-        " Cores are CPU seconds per wall second; the client is the bench process and"
-        " Postgres is every `postgres` process.",
+        " Cores are CPU seconds per wall second. The client is the bench process, Postgres"
+        " is every `postgres` process, and machine busy cores count all work on the machine,"
+        " so the part not explained by the other columns is other work.",
         "",
         *_table(header, rows),
         "",
@@ -205,6 +215,7 @@ def intake_section(benchmarks: dict[str, Any]) -> list[str]:
         return [*lines, f"Skipped: {result['skipped']}.", ""]
     summary = result["summary"]
     header = ["accepted/s", "p50 ms", "p99 ms", "server cores", "client cores", "Postgres cores"]
+    header.append("machine busy cores")
     row = [
         cell(summary, key)
         for key in (
@@ -214,6 +225,7 @@ def intake_section(benchmarks: dict[str, Any]) -> list[str]:
             "server_cores",
             "client_cores",
             "postgres_cores",
+            "machine_cores",
         )
     ]
     return [
@@ -244,6 +256,7 @@ def scheduler_section(results: dict[str, Any]) -> list[str]:
         ("worker process cores", "worker_cores"),
         ("bench process cores (target, load)", "bench_cores"),
         ("Postgres cores", "postgres_cores"),
+        ("machine busy cores (everything running)", "machine_cores"),
     ]
     total = shape["jobs"] * shape["steps"] * shape["tasks"]
     return [
