@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 class ConfigError(ValueError):
-    """An environment variable holds a value KubeCI cannot use."""
+    """An environment variable contains a value KubeCI cannot use."""
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:

@@ -1,6 +1,6 @@
 """The whole service path: a signed delivery arrives, the pipeline at that commit runs,
 and the forge shows pending then the final status on that commit, with a details URL
-that answers, and one summary comment on the pull request."""
+that returns 200, and one summary comment on the pull request."""
 
 from __future__ import annotations
 

@@ -110,7 +110,7 @@ class ProgressPrinter:
     async def _print_event(self, conn: Connection, event: asyncpg.Record) -> None:
         scope, name, payload = event["scope"], event["name"], event["payload"]
         if name == "complete" and scope != "run" and payload.get("state") != "cancelled":
-            return  # the failed/succeeded event already said it
+            return  # the failed or succeeded event already reported it
         what = {
             "job": f"job {event['job']}",
             "step": f"  step {event['step']}",

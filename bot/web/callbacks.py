@@ -46,6 +46,6 @@ async def receive_callback(
         return _error(400, message)
     attempt_id = await complete_by_callback(engine, pool, request.match_info["token"], report, mask)
     if attempt_id is None:
-        # One answer for unknown, used and expired tokens, so a caller learns nothing.
+        # One response for unknown, used and expired tokens, so a caller learns nothing.
         return _error(404, "unknown, used or expired callback token, or the task timed out")
     return web.json_response({"status": "accepted", "attempt_id": attempt_id})
