@@ -67,6 +67,13 @@ def test_parse_quote_continuation() -> None:
     assert parse_commands("> the old comment said\n/cancel") == []
 
 
+def test_parse_many_commands_keeps_order() -> None:
+    body = "\n".join(f"/x{index}" for index in range(3000)) + "\n/x0"
+    commands = parse_commands(body)
+    assert len(commands) == 3000
+    assert commands[:2] == [Command("x0"), Command("x1")]
+
+
 # ---- replies ---------------------------------------------------------------------------
 
 
