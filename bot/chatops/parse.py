@@ -118,9 +118,6 @@ def _command_in(line: str) -> Command | None:
 
 def parse_commands(body: str) -> list[Command]:
     """Return the commands in a comment body, in order, each distinct command once."""
-    commands: list[Command] = []
-    for line in visible_lines(body):
-        command = _command_in(line)
-        if command is not None and command not in commands:
-            commands.append(command)
-    return commands
+    # A dict keeps the first of equal commands in order, without a quadratic search.
+    found = (_command_in(line) for line in visible_lines(body))
+    return list(dict.fromkeys(command for command in found if command is not None))
