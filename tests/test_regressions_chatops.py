@@ -210,7 +210,6 @@ async def wait_for_job_or_end(harness: Harness, kube: FakeKubernetes, run_id: in
             await asyncio.sleep(0.05)
 
 
-@pytest.mark.xfail(strict=True, reason="an untrusted run's Job may read Kubernetes secrets")
 async def test_untrusted_job_gets_no_kubernetes_secret(
     db: asyncpg.Pool, database_dsn: str, kube: FakeKubernetes, tmp_path: Path
 ) -> None:

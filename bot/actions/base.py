@@ -80,6 +80,9 @@ class AttemptContext:
     # shutdown): the action must leave outside resources such as a Kubernetes Job in
     # place, so the next process re-attaches to them.
     handing_back: bool = False
+    # False for runs of untrusted pull requests (forks, authors without write access):
+    # actions must give them nothing of the server's configuration, secrets included.
+    trusted: bool = True
 
 
 class Action(Protocol):
@@ -96,3 +99,14 @@ class Action(Protocol):
         """Clean up after an attempt that was cancelled while no process ran it
         (for example a parked attempt, or one whose worker died)."""
         ...
+
+
+def refuse_untrusted(ctx: AttemptContext, action: str, why: str) -> AttemptResult | None:
+    """Return a non-retryable failure when `ctx` belongs to an untrusted run, else None."""
+    if ctx.trusted:
+        return None
+    return AttemptResult.failure(
+        f"{action} does not run for untrusted pull requests (from forks or by authors "
+        f"without write access): {why}",
+        retryable=False,
+    )

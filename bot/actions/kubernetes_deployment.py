@@ -19,7 +19,7 @@ from contextlib import aclosing
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
-from bot.actions.base import AttemptContext, AttemptResult
+from bot.actions.base import AttemptContext, AttemptResult, refuse_untrusted
 from bot.actions.kube_client import ApiClientFactory, KubeApi, KubeObject, KubernetesError
 from bot.actions.kubernetes_job import ArgumentError, container_statuses, log_ids, parse_env
 from bot.config import Settings
@@ -471,6 +471,11 @@ class KubernetesDeploymentAction:
         self.options = options or DeploymentActionOptions()
 
     async def execute(self, ctx: AttemptContext) -> AttemptResult:
+        refused = refuse_untrusted(
+            ctx, "kubernetes_deployment", "it would deploy code nobody with write access approved"
+        )
+        if refused is not None:
+            return refused
         try:
             args = parse_deployment_arguments(ctx.arguments, self.settings)
         except ArgumentError as exc:

@@ -279,6 +279,45 @@ def resolve_namespace(args: JobArguments, settings: Settings) -> str:
     return args.namespace or manifest_namespace or settings.kube_namespace
 
 
+def untrusted_violations(args: JobArguments, namespace: str, settings: Settings) -> list[str]:
+    """List what an untrusted run's Job may not use: anything that reaches the cluster's
+    secrets or a service account's permissions, or a namespace other than KubeCI's."""
+    found = []
+    if namespace != settings.kube_namespace:
+        found.append(f"namespace {namespace!r} (untrusted Jobs run in {settings.kube_namespace!r})")
+    if args.service_account:
+        found.append("service_account")
+    if args.image_pull_secrets:
+        found.append("image_pull_secrets")
+    if args.manifest:
+        pod_spec = (args.manifest.get("spec") or {}).get("template", {}).get("spec") or {}
+        found.extend(_pod_spec_violations(pod_spec))
+    return found
+
+
+def _pod_spec_violations(pod_spec: Mapping[str, Any]) -> list[str]:
+    found = []
+    for key in ("serviceAccountName", "serviceAccount", "imagePullSecrets"):
+        if pod_spec.get(key):
+            found.append(f"spec.template.spec.{key}")
+    for index, volume in enumerate(pod_spec.get("volumes") or []):
+        sources = (volume.get("projected") or {}).get("sources") or []
+        uses_secret = "secret" in volume or any(
+            "secret" in source or "serviceAccountToken" in source for source in sources
+        )
+        if uses_secret:
+            found.append(f"spec.template.spec.volumes[{index}] ({volume.get('name', '')})")
+    for kind in ("initContainers", "containers", "ephemeralContainers"):
+        for index, container in enumerate(pod_spec.get(kind) or []):
+            where = f"spec.template.spec.{kind}[{index}]"
+            if any("secretRef" in source for source in container.get("envFrom") or []):
+                found.append(f"{where}.envFrom")
+            for item in container.get("env") or []:
+                if "secretKeyRef" in (item.get("valueFrom") or {}):
+                    found.append(f"{where}.env[{item.get('name', '')}]")
+    return found
+
+
 def build_job(
     ctx: AttemptContext, args: JobArguments, name: str, namespace: str, ttl_s: int
 ) -> KubeObject:
@@ -310,6 +349,9 @@ def build_job(
     template_metadata["labels"] = {**(template_metadata.get("labels") or {}), **labels}
     pod_spec = template.setdefault("spec", {})
     pod_spec.setdefault("restartPolicy", "Never")
+    if not ctx.trusted:
+        # No service account token either: untrusted code gets no API credentials.
+        pod_spec["automountServiceAccountToken"] = False
 
     env = dict(args.env)
     if ctx.callback_url:
@@ -905,6 +947,16 @@ class KubernetesJobAction:
         except ArgumentError as exc:
             log.info("invalid kubernetes_job arguments: %s", exc, extra=log_ids(ctx))
             return AttemptResult.failure(f"kubernetes_job: {exc}", retryable=False)
+        if not ctx.trusted:
+            refused = untrusted_violations(args, namespace, self.settings)
+            if refused:
+                message = (
+                    "kubernetes_job: runs of untrusted pull requests may not use "
+                    + ", ".join(refused)
+                    + "; such runs get no secrets or service accounts of the cluster"
+                )
+                log.warning("%s", message, extra=log_ids(ctx))
+                return AttemptResult.failure(message, retryable=False)
         name = str(ctx.data.get("job_name") or job_name_for(ctx))
         try:
             async with await self._connect() as api:

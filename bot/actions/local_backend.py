@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-from bot.actions.base import AttemptContext, AttemptResult
+from bot.actions.base import AttemptContext, AttemptResult, refuse_untrusted
 from bot.actions.kubernetes_deployment import (
     DeploymentArguments,
     parse_deployment_arguments,
@@ -170,6 +170,13 @@ class LocalJobAction:
         return env
 
     async def execute(self, ctx: AttemptContext) -> AttemptResult:
+        refused = refuse_untrusted(
+            ctx,
+            "kubernetes_job on the local backend",
+            "it would run their code on the KubeCI host; use the kubernetes backend",
+        )
+        if refused is not None:
+            return refused
         try:
             argv, task_env, image = local_command(parse_job_arguments(ctx.arguments))
         except ArgumentError as exc:
@@ -420,6 +427,11 @@ class LocalDeploymentAction:
         self.store = LocalDeploymentStore(Path(path))
 
     async def execute(self, ctx: AttemptContext) -> AttemptResult:
+        refused = refuse_untrusted(
+            ctx, "kubernetes_deployment", "it would deploy code nobody with write access approved"
+        )
+        if refused is not None:
+            return refused
         try:
             args = parse_deployment_arguments(ctx.arguments, self.settings)
         except ArgumentError as exc:

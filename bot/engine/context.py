@@ -214,4 +214,5 @@ async def build_context(
         append_log=writer.append,
         mask=secrets.mask,
         extra={**extra, "run_url": run_url},
+        trusted=bool(row["trusted"]),
     )
