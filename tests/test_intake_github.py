@@ -152,6 +152,20 @@ def test_delivery_id_missing_falls_back_to_body_hash() -> None:
     assert delivery.delivery_id.startswith("sha256:")
 
 
+def test_delivery_id_over_limit_rejected() -> None:
+    body, headers = p.github_request(p.github_ping(), "ping", secret=SECRET)
+    headers["X-GitHub-Delivery"] = "d" * 256
+    with pytest.raises(PayloadError, match="at most 255") as caught:
+        github.parse_delivery(body, headers, secret=SECRET)
+    assert caught.value.field == "header X-GitHub-Delivery"
+
+
+def test_delivery_id_at_limit_accepted() -> None:
+    body, headers = p.github_request(p.github_ping(), "ping", secret=SECRET)
+    headers["X-GitHub-Delivery"] = "d" * 255
+    assert github.parse_delivery(body, headers, secret=SECRET).delivery_id == "d" * 255
+
+
 # Ping and pushes
 
 

@@ -76,6 +76,15 @@ def test_delivery_id_from_body_hash() -> None:
     assert delivery.delivery_id == "sha256:" + hashlib.sha256(body).hexdigest()
 
 
+@pytest.mark.parametrize("header", ["X-Gitlab-Event-UUID", "Idempotency-Key"])
+def test_delivery_id_over_limit_rejected(header: str) -> None:
+    extra = {header: "u" * 256}
+    body, headers = p.gitlab_request(p.gitlab_push(), token=TOKEN, extra_headers=extra)
+    with pytest.raises(PayloadError, match="at most 255") as caught:
+        gitlab.parse_delivery(body, headers, secret=TOKEN)
+    assert caught.value.field == f"header {header}"
+
+
 def test_delivery_fields_read() -> None:
     body, headers = p.gitlab_request(p.gitlab_merge_request("open"), token=TOKEN)
     delivery = gitlab.parse_delivery(body, headers, secret=TOKEN)

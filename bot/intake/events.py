@@ -20,6 +20,9 @@ TriggerEvent = Literal["push", "tag", "pull_request"]
 
 # `before` of a ref-creating push and `after` of a ref-deleting push, on both forges.
 ZERO_SHA = "0" * 40
+# Maximum length of a delivery id header. The forges send UUIDs (36 characters), and the
+# limit keeps the value well inside what the unique index on deliveries can store.
+DELIVERY_ID_MAX_CHARS = 255
 
 
 class WebhookError(Exception):
@@ -259,6 +262,23 @@ class Fields:
 def normalise_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """Return the headers with lower-case names, as HTTP header names are case-blind."""
     return {name.lower(): value for name, value in headers.items()}
+
+
+def delivery_id_header(headers: Mapping[str, str], name: str) -> str:
+    """Return the stripped value of delivery id header `name` ("" when absent).
+
+    `headers` must have lower-case names. Raises PayloadError when the value is longer
+    than `DELIVERY_ID_MAX_CHARS`, because the header is not covered by the signature
+    and an id that long is no forge's.
+    """
+    value = headers.get(name.lower(), "").strip()
+    if len(value) > DELIVERY_ID_MAX_CHARS:
+        raise PayloadError(
+            f"header {name}",
+            f"is {len(value)} characters long; a delivery id may have at most "
+            f"{DELIVERY_ID_MAX_CHARS}",
+        )
+    return value
 
 
 def decode_json_object(raw: bytes | str, where: str = "body") -> dict[str, Any]:

@@ -20,6 +20,7 @@ from bot.intake.events import (
     SignatureError,
     Trigger,
     decode_body,
+    delivery_id_header,
     normalise_headers,
     ref_name,
 )
@@ -79,7 +80,8 @@ def parse_delivery(body: bytes, headers: Mapping[str, str], *, secret: str) -> D
     """Authenticate and decode one GitHub webhook request.
 
     Raises SignatureError before reading the body when authentication fails, and
-    PayloadError when the event header is missing or the body is not a JSON object.
+    PayloadError when the event header is missing, the delivery id header is too long,
+    or the body is not a JSON object.
     """
     lowered = normalise_headers(headers)
     verify_signature(body, lowered, secret)
@@ -87,7 +89,7 @@ def parse_delivery(body: bytes, headers: Mapping[str, str], *, secret: str) -> D
     if not event_name:
         raise PayloadError("header X-GitHub-Event", "is missing")
     payload = decode_body(body, lowered.get("content-type"))
-    delivery_id = lowered.get("x-github-delivery", "").strip()
+    delivery_id = delivery_id_header(lowered, "X-GitHub-Delivery")
     if not delivery_id:
         delivery_id = "sha256:" + hashlib.sha256(body).hexdigest()
     fields = Fields(payload)

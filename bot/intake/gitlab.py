@@ -22,6 +22,7 @@ from bot.intake.events import (
     SignatureError,
     Trigger,
     decode_json_object,
+    delivery_id_header,
     normalise_headers,
     ref_name,
 )
@@ -61,14 +62,15 @@ def delivery_id_from(headers: Mapping[str, str], body: bytes) -> str:
     """Pick the id that identifies a delivery across GitLab's retries.
 
     In order: `X-Gitlab-Event-UUID`; `X-Gitlab-Webhook-UUID` with `Idempotency-Key`;
-    else the SHA-256 of the body. `headers` must have lower-case names.
+    else the SHA-256 of the body. `headers` must have lower-case names. Raises
+    PayloadError when one of these headers is too long.
     """
-    event_uuid = headers.get("x-gitlab-event-uuid", "").strip()
+    event_uuid = delivery_id_header(headers, "X-Gitlab-Event-UUID")
     if event_uuid:
         return event_uuid
-    idempotency_key = headers.get("idempotency-key", "").strip()
+    idempotency_key = delivery_id_header(headers, "Idempotency-Key")
     if idempotency_key:
-        webhook_uuid = headers.get("x-gitlab-webhook-uuid", "").strip()
+        webhook_uuid = delivery_id_header(headers, "X-Gitlab-Webhook-UUID")
         return f"{webhook_uuid}:{idempotency_key}" if webhook_uuid else idempotency_key
     return "sha256:" + hashlib.sha256(body).hexdigest()
 
