@@ -120,6 +120,9 @@ def test_content_type_charset_accepted() -> None:
         (b"[1, 2]", "must be a JSON object, got array"),
         (b"\xff\xfe{}", "is not"),
         (b"", "is not valid JSON"),
+        (b'{"zen": NaN}', "contains NaN"),
+        (b'{"zen": -Infinity}', "contains -Infinity"),
+        (b'{"zen": 1e400}', "1e400, which is out of range"),
     ],
 )
 def test_malformed_body_rejected(body: bytes, problem: str) -> None:

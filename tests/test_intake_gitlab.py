@@ -96,7 +96,13 @@ def test_delivery_fields_read() -> None:
 
 @pytest.mark.parametrize(
     ("body", "problem"),
-    [(b"{", "is not valid JSON"), (b"[]", "must be a JSON object"), (b"{}", "object_kind")],
+    [
+        (b"{", "is not valid JSON"),
+        (b"[]", "must be a JSON object"),
+        (b"{}", "object_kind"),
+        (b'{"object_kind": "push", "total_commits_count": NaN}', "contains NaN"),
+        (b'{"object_kind": "push", "total_commits_count": 1e999}', "out of range"),
+    ],
 )
 def test_malformed_body_rejected(body: bytes, problem: str) -> None:
     with pytest.raises(PayloadError, match=problem):

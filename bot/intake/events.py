@@ -9,6 +9,7 @@ or `PayloadError` when the body is not what the forge documents (respond with 40
 from __future__ import annotations
 
 import json
+import math
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -281,14 +282,38 @@ def delivery_id_header(headers: Mapping[str, str], name: str) -> str:
     return value
 
 
+class _UnreadableNumber(Exception):
+    """A JSON number that KubeCI cannot store. The message names the number and the reason."""
+
+
+def _reject_constant(name: str) -> float:
+    # Python's json module accepts NaN, Infinity and -Infinity, which JSON does not
+    # allow and Postgres jsonb rejects.
+    raise _UnreadableNumber(f"contains {name}, which is not a valid JSON number")
+
+
+def _parse_finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        shown = text if len(text) <= 40 else text[:40] + "…"
+        raise _UnreadableNumber(f"contains the number {shown}, which is out of range of a float")
+    return value
+
+
 def decode_json_object(raw: bytes | str, where: str = "body") -> dict[str, Any]:
-    """Decode a JSON document whose top level must be an object."""
+    """Decode a JSON document whose top level must be an object.
+
+    Raises PayloadError when `raw` is not UTF-8 JSON, its top level is not an object, or
+    it contains NaN, Infinity or a number out of range of a float (such as 1e400).
+    """
     try:
-        document = json.loads(raw)
+        document = json.loads(raw, parse_constant=_reject_constant, parse_float=_parse_finite_float)
     except UnicodeDecodeError as exc:
         raise PayloadError(where, f"is not UTF-8 text ({exc.reason})") from exc
     except json.JSONDecodeError as exc:
         raise PayloadError(where, f"is not valid JSON ({exc})") from exc
+    except _UnreadableNumber as exc:
+        raise PayloadError(where, str(exc)) from exc
     if not isinstance(document, dict):
         raise PayloadError(where, f"must be a JSON object, got {_type_name(document)}")
     return document
