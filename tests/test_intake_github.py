@@ -123,6 +123,9 @@ def test_content_type_charset_accepted() -> None:
         (b'{"zen": NaN}', "contains NaN"),
         (b'{"zen": -Infinity}', "contains -Infinity"),
         (b'{"zen": 1e400}', "1e400, which is out of range"),
+        (b'{"zen": 1' + b"0" * 4300 + b"}", "integer of 4301 digits"),
+        (b'{"zen": ' + b"[" * 100 + b"]" * 100 + b"}", "deeper than 100 levels"),
+        (b'{"zen": ' * 100_000 + b"1" + b"}" * 100_000, "deeper than 100 levels"),
     ],
 )
 def test_malformed_body_rejected(body: bytes, problem: str) -> None:

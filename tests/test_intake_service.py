@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 
 from bot.forges.errors import ForgeServerError
-from bot.intake.events import NewComment, Trigger
+from bot.intake.events import JSON_DEPTH_MAX, NewComment, Trigger
 from bot.intake.service import TrustDecision
 from bot.store.db import Connection
 from pipelines_schema.problems import Problem
@@ -783,6 +783,20 @@ async def test_comment_with_nul_stored(core: Harness) -> None:
     assert status == 200
     assert result["outcome"] == "comment_stored"
     assert (await delivery_row(core, "d-nul"))["payload"]["comment"]["body"].startswith("/retest")
+
+
+async def test_comment_nested_at_limit_stored(core: Harness) -> None:
+    payload = p.github_issue_comment()
+    nested: dict[str, Any] = {}
+    payload["extra"] = nested
+    # The payload object and "extra" are two levels, so this reaches the limit exactly.
+    for _ in range(JSON_DEPTH_MAX - 2):
+        nested["inner"] = {}
+        nested = nested["inner"]
+    body, headers = github_delivery(payload, "issue_comment", delivery="d-deep")
+    status, result = await post(core, "github", body, headers)
+    assert status == 200, result
+    assert (await delivery_row(core, "d-deep"))["outcome"] == "comment_stored"
 
 
 async def test_deliveries_counted_in_metrics(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,6 +22,9 @@ TriggerEvent = Literal["push", "tag", "pull_request"]
 
 # `before` of a ref-creating push and `after` of a ref-deleting push, on both forges.
 ZERO_SHA = "0" * 40
+# Maximum nesting of objects and arrays in a webhook body. Forge payloads nest a handful
+# of levels, and much deeper documents overflow the recursion that cleans and stores them.
+JSON_DEPTH_MAX = 100
 # Maximum length of a delivery id header. The forges send UUIDs (36 characters), and the
 # limit keeps the value well inside what the unique index on deliveries can store.
 DELIVERY_ID_MAX_CHARS = 255
@@ -300,23 +304,60 @@ def _parse_finite_float(text: str) -> float:
     return value
 
 
+def _parse_int(text: str) -> int:
+    # Python refuses to convert integers longer than sys.get_int_max_str_digits()
+    # (4300 by default, 0 for no limit) and raises a ValueError that names the setting.
+    limit = sys.get_int_max_str_digits()
+    digits = len(text.lstrip("-"))
+    if limit and digits > limit:
+        raise _UnreadableNumber(f"contains an integer of {digits} digits; at most {limit} fit")
+    return int(text)
+
+
+def _nesting_depth_exceeds(document: Any, max_depth: int) -> bool:
+    """Tell whether objects and arrays in `document` nest deeper than `max_depth` levels."""
+    pending = [(document, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if depth > max_depth:
+            return True
+        children = value.values() if isinstance(value, dict) else value
+        pending.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
 def decode_json_object(raw: bytes | str, where: str = "body") -> dict[str, Any]:
     """Decode a JSON document whose top level must be an object.
 
-    Raises PayloadError when `raw` is not UTF-8 JSON, its top level is not an object, or
-    it contains NaN, Infinity or a number out of range of a float (such as 1e400).
+    Raises PayloadError when `raw` is not UTF-8 JSON, its top level is not an object, it
+    nests deeper than `JSON_DEPTH_MAX`, or it contains NaN, Infinity, a number out of
+    range of a float (such as 1e400) or an integer too long for Python to convert.
     """
     try:
-        document = json.loads(raw, parse_constant=_reject_constant, parse_float=_parse_finite_float)
+        document = json.loads(
+            raw,
+            parse_constant=_reject_constant,
+            parse_float=_parse_finite_float,
+            parse_int=_parse_int,
+        )
     except UnicodeDecodeError as exc:
         raise PayloadError(where, f"is not UTF-8 text ({exc.reason})") from exc
     except json.JSONDecodeError as exc:
         raise PayloadError(where, f"is not valid JSON ({exc})") from exc
     except _UnreadableNumber as exc:
         raise PayloadError(where, str(exc)) from exc
+    except RecursionError as exc:
+        # The decoder recurses once per level of nesting.
+        raise PayloadError(where, _too_deep()) from exc
     if not isinstance(document, dict):
         raise PayloadError(where, f"must be a JSON object, got {_type_name(document)}")
+    if _nesting_depth_exceeds(document, JSON_DEPTH_MAX):
+        raise PayloadError(where, _too_deep())
     return document
+
+
+def _too_deep() -> str:
+    return f"nests objects and arrays deeper than {JSON_DEPTH_MAX} levels"
 
 
 def decode_body(body: bytes, content_type: str | None) -> dict[str, Any]:
