@@ -121,6 +121,21 @@ async def test_bad_repository_name_rejected(client: GitHubClient) -> None:
         await client.get_file("widgets", ".kubeci.yml", SHA)
 
 
+@pytest.mark.parametrize("repo", ["octo-org/..", "../widgets", "./widgets"])
+async def test_dot_repository_rejected(
+    fake_github: FakeGitHub, client: GitHubClient, repo: str
+) -> None:
+    with pytest.raises(ValueError, match=r"'\.' or '\.\.'"):
+        await client.get_file(repo, ".kubeci.yml", SHA)
+    assert fake_github.requests == []
+
+
+async def test_dot_path_segment_rejected(fake_github: FakeGitHub, client: GitHubClient) -> None:
+    with pytest.raises(ValueError, match=r"invalid GitHub API path segment '\.\.'"):
+        await client.remove_label(REPO, 1, "..")
+    assert fake_github.requests == []
+
+
 # Pull requests
 
 

@@ -65,6 +65,12 @@ async def test_get_file_by_project_path(gitlab_fake: FakeGitLab, client: GitLabC
     assert await client.get_file(PATH, "ci/pípeline.yml", SHA) == b"a: 1"
 
 
+async def test_get_file_dot_project_rejected(gitlab_fake: FakeGitLab, client: GitLabClient) -> None:
+    with pytest.raises(ValueError, match=r"'\.' or '\.\.'"):
+        await client.get_file("acme/..", ".kubeci.yml", SHA)
+    assert gitlab_fake.requests == []
+
+
 async def test_get_file_unknown_project_returns_none(client: GitLabClient) -> None:
     assert await client.get_file("acme/other", ".kubeci.yml", SHA) is None
 

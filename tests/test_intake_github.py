@@ -517,6 +517,28 @@ def test_null_repository_named() -> None:
     assert _field_error(payload, "push") == "repository"
 
 
+@pytest.mark.parametrize(
+    "full_name",
+    ["octo-org/widgets/extra", "octo-org/..", "../widgets", "./widgets", "widgets", "octo org/w"],
+)
+def test_invalid_repository_name_named(full_name: str) -> None:
+    payload = p.github_push()
+    payload["repository"]["full_name"] = full_name
+    assert _field_error(payload, "push") == "repository.full_name"
+
+
+def test_invalid_head_repository_named() -> None:
+    payload = p.github_pull_request("opened", head_repo=p.github_repo("fork-owner/widgets", 2002))
+    payload["pull_request"]["head"]["repo"]["full_name"] = "fork-owner/.."
+    assert _field_error(payload, "pull_request") == "pull_request.head.repo.full_name"
+
+
+def test_repository_name_with_dots_accepted() -> None:
+    payload = p.github_push()
+    payload["repository"]["full_name"] = "octo-org/widgets.js"
+    assert classify(payload, "push").repository == "octo-org/widgets.js"
+
+
 def test_missing_ref_named() -> None:
     payload = p.github_push()
     del payload["ref"]

@@ -412,6 +412,19 @@ def test_missing_project_path_named() -> None:
     assert _field_error(payload) == "project.path_with_namespace"
 
 
+@pytest.mark.parametrize("path", ["acme/../widgets", "acme/.", "widgets", "acme//widgets"])
+def test_invalid_project_path_named(path: str) -> None:
+    payload = p.gitlab_push()
+    payload["project"]["path_with_namespace"] = path
+    assert _field_error(payload) == "project.path_with_namespace"
+
+
+def test_nested_project_path_accepted() -> None:
+    payload = p.gitlab_push()
+    payload["project"]["path_with_namespace"] = "acme/platform/widgets.v2"
+    assert classify(payload).repository == "acme/platform/widgets.v2"
+
+
 def test_missing_merge_request_on_note_named() -> None:
     payload = p.gitlab_note()
     del payload["merge_request"]

@@ -165,16 +165,26 @@ async def test_body_integer_huge(service: Harness) -> None:
     assert "4301 digits" in result["error"]
 
 
-# Still wrong
-
-
-@pytest.mark.xfail(strict=True, reason="a repository name with two slashes raises ValueError: 500")
 async def test_push_repository_slashes(service: Harness) -> None:
     payload = p.github_push(repo=p.github_repo("octo-org/widgets"))
     payload["repository"]["full_name"] = "octo-org/widgets/extra"
     body = json.dumps(payload).encode()
-    status, _ = await post(service, "github", body, signed_ping(body, "push"))
-    assert status < 500
+    status, result = await post(service, "github", body, signed_ping(body, "push"))
+    assert status == 400
+    assert result["field"] == "repository.full_name"
+
+
+async def test_push_repository_dot_segment(service: Harness, fake_github: FakeGitHub) -> None:
+    payload = p.github_push(repo=p.github_repo("octo-org/widgets"))
+    payload["repository"]["full_name"] = "octo-org/.."
+    body = json.dumps(payload).encode()
+    status, result = await post(service, "github", body, signed_ping(body, "push"))
+    assert status == 400
+    assert result["field"] == "repository.full_name"
+    assert fake_github.requests == []
+
+
+# Still wrong
 
 
 @pytest.mark.xfail(strict=True, reason="invalid base64 from the contents API escapes: 500")

@@ -183,16 +183,29 @@ def error_for_status(
     return ForgeClientError(message, **common)
 
 
+# Path segments that clients and servers resolve against the path before them.
+_DOT_SEGMENTS = frozenset({".", ".."})
+
+
 def _split_repository(repo: str) -> tuple[str, str]:
     owner, slash, name = repo.partition("/")
     if not slash or not owner or not name or "/" in name:
         raise ValueError(f"GitHub repository must be 'owner/name', got {repo!r}")
+    if owner in _DOT_SEGMENTS or name in _DOT_SEGMENTS:
+        raise ValueError(f"GitHub repository owner and name may not be '.' or '..', got {repo!r}")
     return owner, name
 
 
 def _repo_url(repo: str, *segments: str | int, query: Mapping[str, str] | None = None) -> str:
-    """Build an API path under /repos/OWNER/NAME with every segment percent-encoded."""
+    """Build an API path under /repos/OWNER/NAME with every segment percent-encoded.
+
+    Raises ValueError when `repo` is not `owner/name` or a segment is empty, "." or "..":
+    percent-encoding leaves dots as they are, and a URL parser would resolve them.
+    """
     parts = [*_split_repository(repo), *(str(segment) for segment in segments)]
+    for part in parts:
+        if not part or part in _DOT_SEGMENTS:
+            raise ValueError(f"invalid GitHub API path segment {part!r} in a request for {repo}")
     url = "/repos/" + "/".join(urllib.parse.quote(part, safe="") for part in parts)
     if query:
         url += "?" + urllib.parse.urlencode(query)

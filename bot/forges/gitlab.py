@@ -224,6 +224,10 @@ class GitLabClient:
             raise error_for_exception(exc, what, headers, self._clock()) from exc
 
     def _project(self, project: ProjectRef) -> Any:
+        # python-gitlab percent-encodes the slashes of a path but not its dots, and
+        # requests resolves a "." or ".." segment against the URL before it.
+        if isinstance(project, str) and any(part in (".", "..") for part in project.split("/")):
+            raise ValueError(f"GitLab project path may not contain '.' or '..', got {project!r}")
         return self._gl.projects.get(project, lazy=True)
 
     def _mr(self, project: ProjectRef, iid: int) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import urllib.parse
 from collections.abc import Mapping
@@ -25,6 +26,12 @@ ZERO_SHA = "0" * 40
 # Maximum nesting of objects and arrays in a webhook body. Forge payloads nest a handful
 # of levels, and much deeper documents overflow the recursion that cleans and stores them.
 JSON_DEPTH_MAX = 100
+# A segment of a GitHub `owner/name` or a GitLab `group/subgroup/project` path. Both
+# forges allow ASCII letters, digits, '_', '-' and '.', and neither allows "." or "..".
+_REPOSITORY_SEGMENT = re.compile(r"[A-Za-z0-9_.-]+")
+# NOTE: GitLab documents no limit for a full project path. KubeCI's limit keeps the name
+# inside what the indexes on runs and deliveries can store.
+REPOSITORY_MAX_CHARS = 1024
 # Maximum length of a delivery id header. The forges send UUIDs (36 characters), and the
 # limit keeps the value well inside what the unique index on deliveries can store.
 DELIVERY_ID_MAX_CHARS = 255
@@ -262,6 +269,32 @@ class Fields:
                 raise PayloadError(where, f"must be an object, got {_type_name(item)}")
             children.append(Fields(item, where))
         return children
+
+
+def check_repository_name(
+    name: str, where: str, *, form: str, max_segments: int | None = None
+) -> str:
+    """Return `name` when it is a valid repository path; raise PayloadError otherwise.
+
+    A valid path has at least two segments and at most `max_segments`, such as GitHub's
+    `owner/name` or GitLab's `group/subgroup/project`; `form` names the expected shape
+    in the error. Each segment may contain only ASCII letters, digits, '_', '-' and '.',
+    and may not be "." or "..", so that no name changes the path of a forge API URL.
+    """
+    segments = name.split("/")
+    too_many = max_segments is not None and len(segments) > max_segments
+    if len(segments) < 2 or too_many:
+        raise PayloadError(where, f"is {name!r}; expected the form {form}")
+    if len(name) > REPOSITORY_MAX_CHARS:
+        raise PayloadError(where, f"is {len(name)} characters long; at most {REPOSITORY_MAX_CHARS}")
+    for segment in segments:
+        if segment in (".", "..") or not _REPOSITORY_SEGMENT.fullmatch(segment):
+            raise PayloadError(
+                where,
+                f"is {name!r}; each segment may contain only ASCII letters, digits, '_', '-'"
+                " and '.', and may not be '.' or '..'",
+            )
+    return name
 
 
 def normalise_headers(headers: Mapping[str, str]) -> dict[str, str]:

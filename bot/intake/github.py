@@ -19,6 +19,7 @@ from bot.intake.events import (
     PayloadError,
     SignatureError,
     Trigger,
+    check_repository_name,
     decode_body,
     delivery_id_header,
     normalise_headers,
@@ -101,7 +102,7 @@ def parse_delivery(body: bytes, headers: Mapping[str, str], *, secret: str) -> D
         delivery_id=delivery_id,
         event_name=event_name,
         action=fields.optional_text("action"),
-        repository=repository.optional_text("full_name") if repository else None,
+        repository=_optional_full_name(repository),
         payload=payload,
         hook_target=f"{target_type}:{target_id}" if target_type and target_id else None,
     )
@@ -139,8 +140,19 @@ def parse(
     return delivery, classify(delivery, bot_logins=bot_logins)
 
 
+def _full_name(repo: Fields) -> str:
+    name = repo.text("full_name")
+    return check_repository_name(name, repo.where("full_name"), form="owner/name", max_segments=2)
+
+
+def _optional_full_name(repo: Fields | None) -> str | None:
+    if repo is None or repo.optional_text("full_name") is None:
+        return None
+    return _full_name(repo)
+
+
 def _repository_name(fields: Fields) -> str:
-    return fields.child("repository").text("full_name")
+    return _full_name(fields.child("repository"))
 
 
 def _installation_id(fields: Fields) -> int | None:
@@ -151,11 +163,10 @@ def _installation_id(fields: Fields) -> int | None:
 def _classify_ping(fields: Fields) -> Intent:
     hook_id = fields.optional_integer("hook_id")
     zen = fields.optional_text("zen") or ""
-    repository = fields.optional_child("repository")
     return Intent(
         "ping",
         f"ping from hook {hook_id}: {zen}".rstrip(": "),
-        repository=repository.optional_text("full_name") if repository else None,
+        repository=_optional_full_name(fields.optional_child("repository")),
     )
 
 
@@ -227,7 +238,7 @@ def _pr_trigger(fields: Fields, pr: Fields, number: int) -> Trigger:
         author=user.text("login"),
         author_id=user.optional_integer("id"),
         fork=fork,
-        head_repository=head_repo.text("full_name") if head_repo else None,
+        head_repository=_full_name(head_repo) if head_repo else None,
         draft=pr.flag("draft", default=False),
         installation_id=_installation_id(fields),
     )
@@ -304,8 +315,7 @@ def _classify_comment(fields: Fields, bot_logins: Collection[str]) -> Intent:
 
 def _ignore_with(reason: str) -> Callable[[Fields], Intent]:
     def classify_ignored(fields: Fields) -> Intent:
-        repository = fields.optional_child("repository")
-        name = repository.optional_text("full_name") if repository else None
+        name = _optional_full_name(fields.optional_child("repository"))
         action = fields.optional_text("action")
         return Intent("ignore", f"{reason} ({action})" if action else reason, name)
 

@@ -21,6 +21,7 @@ from bot.intake.events import (
     PayloadError,
     SignatureError,
     Trigger,
+    check_repository_name,
     decode_json_object,
     delivery_id_header,
     normalise_headers,
@@ -96,7 +97,7 @@ def parse_delivery(body: bytes, headers: Mapping[str, str], *, secret: str) -> D
         delivery_id=delivery_id_from(lowered, body),
         event_name=lowered.get("x-gitlab-event", "").strip() or object_kind,
         action=attributes.optional_text("action") if attributes else None,
-        repository=project.optional_text("path_with_namespace") if project else None,
+        repository=_optional_path(project),
         payload=payload,
         hook_target=lowered.get("x-gitlab-instance"),
     )
@@ -133,12 +134,24 @@ def parse(
     return delivery, classify(delivery, bot_logins=bot_logins)
 
 
+def _path(project: Fields) -> str:
+    path = project.text("path_with_namespace")
+    where = project.where("path_with_namespace")
+    return check_repository_name(path, where, form="namespace/project")
+
+
+def _optional_path(project: Fields | None) -> str | None:
+    if project is None or project.optional_text("path_with_namespace") is None:
+        return None
+    return _path(project)
+
+
 def _project(fields: Fields) -> tuple[str, int]:
     project = fields.child("project")
     project_id = fields.optional_integer("project_id")
     if project_id is None:
         project_id = project.integer("id")
-    return project.text("path_with_namespace"), project_id
+    return _path(project), project_id
 
 
 def _classify_push(fields: Fields) -> Intent:
@@ -210,7 +223,7 @@ def _mr_trigger(fields: Fields, attributes: Fields, iid: int) -> Trigger:
         author=(user.optional_text("username") if user else None) or "",
         author_id=attributes.optional_integer("author_id"),
         fork=source_project_id != attributes.integer("target_project_id"),
-        head_repository=source.optional_text("path_with_namespace") if source else None,
+        head_repository=_optional_path(source),
         head_project_id=source_project_id,
         draft=attributes.flag("draft", default=attributes.flag("work_in_progress", False)),
         before_sha=attributes.optional_text("oldrev"),
