@@ -16,6 +16,7 @@ from bot.forges.errors import (
     ForgeConnectionError,
     ForgeNotFound,
     ForgeRateLimited,
+    ForgeResponseError,
     ForgeServerError,
 )
 from bot.forges.github import (
@@ -114,6 +115,42 @@ async def test_get_file_directory_rejected(fake_github: FakeGitHub, client: GitH
     fake_github.add_file(REPO, SHA, "ci/a.yml", b"a")
     with pytest.raises(ForgeClientError, match="directory"):
         await client.get_file(REPO, "ci", SHA)
+
+
+async def test_get_file_invalid_base64(fake_github: FakeGitHub, client: GitHubClient) -> None:
+    content = {"type": "file", "encoding": "base64", "content": "!!!!bm90IGJhc2U2NA=="}
+    fake_github.script("contents.get", Scripted(200, content))
+    with pytest.raises(ForgeResponseError, match="not valid base64"):
+        await client.get_file(REPO, ".kubeci.yml", SHA)
+
+
+async def test_get_file_wrapped_base64(fake_github: FakeGitHub, client: GitHubClient) -> None:
+    content = {"type": "file", "encoding": "base64", "content": "am9i\ncw==\n"}
+    fake_github.script("contents.get", Scripted(200, content))
+    assert await client.get_file(REPO, ".kubeci.yml", SHA) == b"jobs"
+
+
+async def test_get_file_html_response(fake_github: FakeGitHub, client: GitHubClient) -> None:
+    page = "<html><body>Unicorn! Something went wrong</body></html>"
+    fake_github.script("contents.get", Scripted(200, page, {"Content-Type": "text/html"}))
+    with pytest.raises(ForgeResponseError, match="not JSON; it starts with '<html><body>Unicorn"):
+        await client.get_file(REPO, ".kubeci.yml", SHA)
+
+
+async def test_get_file_empty_response(fake_github: FakeGitHub, client: GitHubClient) -> None:
+    fake_github.script("contents.get", Scripted(200, b"", {"Content-Type": "application/json"}))
+    with pytest.raises(ForgeResponseError, match="response body is empty"):
+        await client.get_file(REPO, ".kubeci.yml", SHA)
+
+
+async def test_get_file_blob_not_json(fake_github: FakeGitHub, client: GitHubClient) -> None:
+    fake_github.large_file_bytes = 4
+    fake_github.add_file(REPO, SHA, "big.yml", b"jobs: []")
+    fake_github.script(
+        "blobs.get", Scripted(200, "upstream timeout", {"Content-Type": "text/plain"})
+    )
+    with pytest.raises(ForgeResponseError, match="it starts with 'upstream timeout'"):
+        await client.get_file(REPO, "big.yml", SHA)
 
 
 async def test_bad_repository_name_rejected(client: GitHubClient) -> None:

@@ -184,16 +184,17 @@ async def test_push_repository_dot_segment(service: Harness, fake_github: FakeGi
     assert fake_github.requests == []
 
 
-# Still wrong
-
-
-@pytest.mark.xfail(strict=True, reason="invalid base64 from the contents API escapes: 500")
 async def test_file_base64_invalid(service: Harness, fake_github: FakeGitHub) -> None:
     content = {"type": "file", "encoding": "base64", "content": "!!!notbase64"}
     fake_github.script("contents.get", Scripted(200, content))
     body = json.dumps(p.github_push()).encode()
-    status, _ = await post(service, "github", body, signed_ping(body, "push"))
+    status, result = await post(service, "github", body, signed_ping(body, "push"))
     assert status == 503
+    assert result["outcome"] == "forge_unavailable"
+    assert "not valid base64" in result["error"]
+
+
+# Still wrong
 
 
 @pytest.mark.xfail(

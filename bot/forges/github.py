@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import datetime
 import logging
 import time
@@ -42,6 +43,7 @@ from bot.forges.errors import (
     ForgeRateLimited,
     ForgeResponseError,
     ForgeServerError,
+    body_excerpt,
     parse_retry_after,
     seconds_until_epoch,
 )
@@ -222,6 +224,35 @@ def _parse_expiry(value: str) -> float:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=datetime.UTC)
     return moment.timestamp()
+
+
+def _require_object(data: Any, what: str) -> None:
+    """Raise ForgeResponseError unless `data`, a decoded response, is a JSON object."""
+    if isinstance(data, dict):
+        return
+    if data is None:
+        problem = "the response body is empty or has no content type"
+    elif isinstance(data, str):
+        problem = f"the response is not JSON; it starts with {body_excerpt(data, 80)!r}"
+    else:
+        problem = f"the response is a JSON {type(data).__name__}, not an object"
+    raise ForgeResponseError(f"GitHub {what}: {problem}", forge=FORGE)
+
+
+def _decode_content(data: dict[str, Any], what: str) -> bytes:
+    """Decode the base64 `content` of a contents or blob response."""
+    encoding = data.get("encoding")
+    if encoding != "base64":
+        raise ForgeResponseError(f"GitHub {what}: unexpected encoding {encoding!r}", forge=FORGE)
+    content = response_field(data, "content", str, forge=FORGE, what=what)
+    # GitHub wraps the base64 text in lines, so drop whitespace and reject anything else
+    # outside the base64 alphabet instead of skipping it.
+    try:
+        return base64.b64decode("".join(content.split()), validate=True)
+    except binascii.Error as exc:
+        raise ForgeResponseError(
+            f"GitHub {what}: the content is not valid base64 ({exc})", forge=FORGE
+        ) from exc
 
 
 def _comment(data: Any, what: str) -> Comment:
@@ -474,22 +505,17 @@ class GitHubClient:
             return None
         if isinstance(data, list):
             raise ForgeClientError(f"GitHub {what}: the path is a directory", forge=FORGE)
-        kind = data.get("type") if isinstance(data, dict) else None
+        _require_object(data, what)
+        kind = data.get("type")
         if kind != "file":
             raise ForgeClientError(f"GitHub {what}: the path is a {kind}, not a file", forge=FORGE)
-        encoding = data.get("encoding")
-        if encoding == "none":
+        if data.get("encoding") == "none":
             blob_sha = response_field(data, "sha", str, forge=FORGE, what=what)
             data = await self._call(
                 repo, what, self._get(_repo_url(repo, "git", "blobs", blob_sha))
             )
-            encoding = data.get("encoding") if isinstance(data, dict) else None
-        if encoding != "base64":
-            raise ForgeResponseError(
-                f"GitHub {what}: unexpected encoding {encoding!r}", forge=FORGE
-            )
-        content = response_field(data, "content", str, forge=FORGE, what=what)
-        return base64.b64decode(content)
+            _require_object(data, what)
+        return _decode_content(data, what)
 
     async def get_pull_request(self, repo: str, number: int) -> PullRequest:
         what = f"read of pull request #{number} in {repo}"
