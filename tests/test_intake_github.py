@@ -539,6 +539,23 @@ def test_repository_name_with_dots_accepted() -> None:
     assert classify(payload, "push").repository == "octo-org/widgets.js"
 
 
+@pytest.mark.parametrize("after", ["main", "HEAD", "b" * 39, "b" * 41, "g" * 40, ""])
+def test_push_after_not_commit_id_named(after: str) -> None:
+    payload = p.github_push(after=after)
+    assert _field_error(payload, "push") == "after"
+
+
+def test_push_sha256_commit_id_accepted() -> None:
+    intent = classify(p.github_push(after="d" * 64), "push")
+    assert intent.trigger is not None
+    assert intent.trigger.sha == "d" * 64
+
+
+def test_pull_request_head_sha_not_commit_id_named() -> None:
+    payload = p.github_pull_request("opened", head_sha="refs/heads/main")
+    assert _field_error(payload, "pull_request") == "pull_request.head.sha"
+
+
 def test_missing_ref_named() -> None:
     payload = p.github_push()
     del payload["ref"]

@@ -425,6 +425,29 @@ def test_nested_project_path_accepted() -> None:
     assert classify(payload).repository == "acme/platform/widgets.v2"
 
 
+def test_push_checkout_sha_not_commit_id_named() -> None:
+    payload = p.gitlab_push()
+    payload["checkout_sha"] = "main"
+    assert _field_error(payload) == "checkout_sha"
+
+
+def test_push_after_not_commit_id_named() -> None:
+    payload = p.gitlab_push(after="HEAD")
+    payload["checkout_sha"] = None
+    assert _field_error(payload) == "after"
+
+
+def test_merge_request_last_commit_not_commit_id_named() -> None:
+    payload = p.gitlab_merge_request("open", last_commit="c" * 12)
+    assert _field_error(payload) == "object_attributes.last_commit.id"
+
+
+def test_note_last_commit_not_commit_id_named() -> None:
+    payload = p.gitlab_note()
+    payload["merge_request"]["last_commit"]["id"] = "not-a-sha"
+    assert _field_error(payload) == "merge_request.last_commit.id"
+
+
 def test_missing_merge_request_on_note_named() -> None:
     payload = p.gitlab_note()
     del payload["merge_request"]

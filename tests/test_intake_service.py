@@ -492,6 +492,16 @@ async def test_missing_field_400_names_it(core: Harness) -> None:
     assert set((await row_counts(core.pool)).values()) == {0}
 
 
+async def test_push_sha_not_commit_id_400(core: Harness, fake_github: FakeGitHub) -> None:
+    payload = p.github_push(after="refs/heads/main")
+    status, result = await post(core, "github", *github_delivery(payload, "push"))
+    assert status == 400
+    assert result["field"] == "after"
+    assert "40 or 64 hexadecimal characters" in result["error"]
+    assert fake_github.requests == []
+    assert set((await row_counts(core.pool)).values()) == {0}
+
+
 async def test_wrong_method_405(core: Harness) -> None:
     async with (
         aiohttp.ClientSession() as session,

@@ -26,6 +26,8 @@ ZERO_SHA = "0" * 40
 # Maximum nesting of objects and arrays in a webhook body. Forge payloads nest a handful
 # of levels, and much deeper documents overflow the recursion that cleans and stores them.
 JSON_DEPTH_MAX = 100
+# A Git commit id: 40 hexadecimal characters (SHA-1) or 64 (SHA-256 repositories).
+_COMMIT_ID = re.compile(r"[0-9a-fA-F]{40}|[0-9a-fA-F]{64}")
 # A segment of a GitHub `owner/name` or a GitLab `group/subgroup/project` path. Both
 # forges allow ASCII letters, digits, '_', '-' and '.', and neither allows "." or "..".
 _REPOSITORY_SEGMENT = re.compile(r"[A-Za-z0-9_.-]+")
@@ -234,6 +236,21 @@ class Fields:
     def text(self, key: str) -> str:
         value: str = self._value(key, str, "a string")
         return value
+
+    def commit_id(self, key: str) -> str:
+        """Read a commit id; raise PayloadError unless it has 40 or 64 hex characters."""
+        value = self.text(key)
+        if not _COMMIT_ID.fullmatch(value):
+            shown = value if len(value) <= 80 else value[:80] + "…"
+            raise PayloadError(
+                self.where(key),
+                f"is {shown!r}; expected a commit id of 40 or 64 hexadecimal characters",
+            )
+        return value
+
+    def optional_commit_id(self, key: str) -> str | None:
+        """Read a commit id, or return None when the value is absent or null."""
+        return None if self.data.get(key) is None else self.commit_id(key)
 
     def optional_text(self, key: str) -> str | None:
         value: str | None = self._optional(key, str, "a string")

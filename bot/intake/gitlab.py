@@ -167,7 +167,7 @@ def _classify_push(fields: Fields) -> Intent:
 
     # checkout_sha is the commit the ref now points at, also for pushes that list no
     # commits (a new branch without new commits, a tag).
-    sha = fields.optional_text("checkout_sha") or after
+    sha = fields.commit_id("checkout_sha" if fields.optional_text("checkout_sha") else "after")
     author = fields.optional_text("user_username") or fields.optional_text("user_name")
     trigger = Trigger(
         forge="gitlab",
@@ -214,7 +214,7 @@ def _mr_trigger(fields: Fields, attributes: Fields, iid: int) -> Trigger:
         forge="gitlab",
         event="pull_request",
         repository=repository,
-        sha=attributes.child("last_commit").text("id"),
+        sha=attributes.child("last_commit").commit_id("id"),
         ref=f"refs/merge-requests/{iid}/head",
         pr_number=iid,
         source_branch=attributes.text("source_branch"),
@@ -306,7 +306,7 @@ def _classify_note(fields: Fields, bot_logins: Collection[str]) -> Intent:
         author_id=user.optional_integer("id"),
         author_is_bot=_is_bot(username, bot_logins),
         body=attributes.optional_text("note") or "",
-        head_sha=last_commit.optional_text("id") if last_commit else None,
+        head_sha=last_commit.optional_commit_id("id") if last_commit else None,
         project_id=project_id,
     )
     reason = f"comment {comment.comment_id} by {username} on merge request !{iid}"
