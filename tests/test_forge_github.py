@@ -321,6 +321,38 @@ async def test_create_comment_returns_comment(
     assert fake_github.comments[(REPO, 7)][0]["id"] == comment.id
 
 
+async def test_authenticated_login_of_token(fake_github: FakeGitHub, client: GitHubClient) -> None:
+    assert await client.authenticated_login() == fake_github.bot_user["login"]
+    assert await client.authenticated_login() == fake_github.bot_user["login"]
+    assert len(fake_github.requests_to("user.get")) == 1
+
+
+async def test_authenticated_login_of_app(
+    fake_github: FakeGitHub, app_client: GitHubClient
+) -> None:
+    fake_github.app_slug = "ci-helper"
+    assert await app_client.authenticated_login() == "ci-helper[bot]"
+    assert fake_github.requests_to("user.get") == []
+
+
+async def test_authenticated_login_configured(
+    fake_github: FakeGitHub, session: aiohttp.ClientSession
+) -> None:
+    auth = TokenAuth("ghp-test-token")
+    client = GitHubClient(session, auth=auth, api_url=fake_github.url, bot_login="ci-machine")
+    assert await client.authenticated_login() == "ci-machine"
+    assert fake_github.requests == []
+
+
+async def test_authenticated_login_failure_not_cached(
+    fake_github: FakeGitHub, client: GitHubClient
+) -> None:
+    fake_github.script("user.get", Scripted(502))
+    with pytest.raises(ForgeServerError):
+        await client.authenticated_login()
+    assert await client.authenticated_login() == fake_github.bot_user["login"]
+
+
 async def test_edit_comment_changes_body(fake_github: FakeGitHub, client: GitHubClient) -> None:
     posted = fake_github.add_comment(REPO, 7, "old")
     edited = await client.edit_comment(REPO, posted["id"], "new")

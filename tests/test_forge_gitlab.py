@@ -235,6 +235,21 @@ async def test_find_note_by_marker_filters_author(
     assert found is None
 
 
+async def test_authenticated_username_cached(gitlab_fake: FakeGitLab, client: GitLabClient) -> None:
+    assert await client.authenticated_username() == gitlab_fake.bot_user["username"]
+    assert await client.authenticated_username() == gitlab_fake.bot_user["username"]
+    assert len(gitlab_fake.requests_to("user.get")) == 1
+
+
+async def test_authenticated_username_bad_token(gitlab_fake: FakeGitLab) -> None:
+    client = make_client(gitlab_fake, token="glpat-wrong")
+    try:
+        with pytest.raises(ForgeAuthError):
+            await client.authenticated_username()
+    finally:
+        client.close()
+
+
 # Members, award emoji, labels
 
 

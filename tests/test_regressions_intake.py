@@ -194,6 +194,41 @@ async def test_file_base64_invalid(service: Harness, fake_github: FakeGitHub) ->
     assert "not valid base64" in result["error"]
 
 
+async def test_github_summary_user_marker(
+    service: Harness, fake_github: FakeGitHub, fake_target: FakeTarget
+) -> None:
+    fake_github.add_file(GITHUB_REPO, p.SHA_C, ".kubeci.yml", pipeline(fake_target))
+    user_text = f"{MARKER} quoting the bot"
+    fake_github.add_comment(GITHUB_REPO, 7, user_text, author="carol")
+    payload = p.github_pull_request("opened", number=7, head_sha=p.SHA_C)
+    body = json.dumps(payload).encode()
+    status, result = await post(service, "github", body, signed_ping(body, "pull_request"))
+    assert status == 200, result
+    await service.wait_run(result["runs"][0]["id"])
+    await service.wait_outbox()
+    assert fake_github.comments[(GITHUB_REPO.lower(), 7)][0]["body"] == user_text
+
+
+async def test_gitlab_summary_user_marker(
+    service: Harness, fake_gitlab: FakeGitLab, fake_target: FakeTarget
+) -> None:
+    fake_gitlab.add_file(GITLAB_PROJECT_ID, p.SHA_C, ".kubeci.yml", pipeline(fake_target))
+    fake_gitlab.add_merge_request(GITLAB_PROJECT_ID, 3, sha=p.SHA_C)
+    user_text = f"{MARKER} quoting the bot"
+    note = fake_gitlab._note(user_text, {"id": 64, "username": "carol"}, 3)
+    fake_gitlab.notes[(GITLAB_PROJECT_ID, 3)] = [note]
+    body, headers = p.gitlab_request(
+        p.gitlab_merge_request("open", iid=3, last_commit=p.SHA_C),
+        token=GITLAB_SECRET,
+        extra_headers={"X-Gitlab-Event-UUID": str(uuid.uuid4())},
+    )
+    status, result = await post(service, "gitlab", body, headers)
+    assert status == 200, result
+    await service.wait_run(result["runs"][0]["id"])
+    await service.wait_outbox()
+    assert fake_gitlab.notes[(GITLAB_PROJECT_ID, 3)][0]["body"] == user_text
+
+
 # Still wrong
 
 
@@ -233,40 +268,3 @@ async def test_gitlab_member_hook(service: Harness) -> None:
     }
     status, _ = await post(service, "gitlab", body, headers)
     assert status == 200
-
-
-@pytest.mark.xfail(strict=True, reason="the summary overwrites a user's comment with the marker")
-async def test_github_summary_user_marker(
-    service: Harness, fake_github: FakeGitHub, fake_target: FakeTarget
-) -> None:
-    fake_github.add_file(GITHUB_REPO, p.SHA_C, ".kubeci.yml", pipeline(fake_target))
-    user_text = f"{MARKER} quoting the bot"
-    fake_github.add_comment(GITHUB_REPO, 7, user_text, author="carol")
-    payload = p.github_pull_request("opened", number=7, head_sha=p.SHA_C)
-    body = json.dumps(payload).encode()
-    status, result = await post(service, "github", body, signed_ping(body, "pull_request"))
-    assert status == 200, result
-    await service.wait_run(result["runs"][0]["id"])
-    await service.wait_outbox()
-    assert fake_github.comments[(GITHUB_REPO.lower(), 7)][0]["body"] == user_text
-
-
-@pytest.mark.xfail(strict=True, reason="the summary overwrites a user's note with the marker")
-async def test_gitlab_summary_user_marker(
-    service: Harness, fake_gitlab: FakeGitLab, fake_target: FakeTarget
-) -> None:
-    fake_gitlab.add_file(GITLAB_PROJECT_ID, p.SHA_C, ".kubeci.yml", pipeline(fake_target))
-    fake_gitlab.add_merge_request(GITLAB_PROJECT_ID, 3, sha=p.SHA_C)
-    user_text = f"{MARKER} quoting the bot"
-    note = fake_gitlab._note(user_text, {"id": 64, "username": "carol"}, 3)
-    fake_gitlab.notes[(GITLAB_PROJECT_ID, 3)] = [note]
-    body, headers = p.gitlab_request(
-        p.gitlab_merge_request("open", iid=3, last_commit=p.SHA_C),
-        token=GITLAB_SECRET,
-        extra_headers={"X-Gitlab-Event-UUID": str(uuid.uuid4())},
-    )
-    status, result = await post(service, "gitlab", body, headers)
-    assert status == 200, result
-    await service.wait_run(result["runs"][0]["id"])
-    await service.wait_outbox()
-    assert fake_gitlab.notes[(GITLAB_PROJECT_ID, 3)][0]["body"] == user_text

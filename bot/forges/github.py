@@ -308,7 +308,8 @@ class GitHubClient:
     """Calls the GitHub REST API for one GitHub (or GitHub Enterprise Server) host.
 
     `session` belongs to the caller, who closes it. `clock` returns Unix time in
-    seconds; tests replace it to age installation tokens.
+    seconds; tests replace it to age installation tokens. `bot_login`, when set, is the
+    login KubeCI's comments appear under, which is otherwise looked up.
     """
 
     def __init__(
@@ -321,8 +322,10 @@ class GitHubClient:
         request_timeout_s: float = 30.0,
         token_refresh_margin_s: float = TOKEN_REFRESH_MARGIN_S,
         clock: Callable[[], float] = time.time,
+        bot_login: str = "",
     ) -> None:
         self._gh = _RecordingGitHubAPI(session, requester, base_url=api_url.rstrip("/"))
+        self._login = bot_login or None
         self._auth = auth
         self._request_timeout_s = request_timeout_s
         self._refresh_margin_s = token_refresh_margin_s
@@ -346,7 +349,12 @@ class GitHubClient:
                 "no GitHub credentials: set KUBECI_GITHUB_TOKEN, or KUBECI_GITHUB_APP_ID "
                 "with KUBECI_GITHUB_PRIVATE_KEY_FILE"
             )
-        return cls(session, auth=auth, api_url=settings.github_api_url)
+        return cls(
+            session,
+            auth=auth,
+            api_url=settings.github_api_url,
+            bot_login=settings.github_bot_login,
+        )
 
     def remember_installation(self, repo: str, installation_id: int) -> None:
         """Record the app installation of `repo`, as a webhook reports it, to skip a lookup."""
@@ -421,6 +429,26 @@ class GitHubClient:
             # The app was uninstalled or reinstalled: look the installation up again next time.
             self._installations.pop(repo.lower(), None)
             raise _not_installed(repo, exc) from exc
+
+    async def authenticated_login(self) -> str:
+        """Return the login that KubeCI's comments appear under, looked up once.
+
+        That is `bot_login` when set, else the token's user (`GET /user`), else for a
+        GitHub App `<app slug>[bot]` (`GET /app`). Raises ForgeError when the lookup fails.
+        """
+        if self._login is not None:
+            return self._login
+        if isinstance(self._auth, TokenAuth):
+            what = "lookup of the token's user"
+            user = await self._send(what, self._gh.getitem("/user", oauth_token=self._auth.token))
+            login = response_field(user, "login", str, forge=FORGE, what=what)
+        else:
+            what = "lookup of the GitHub App"
+            app = await self._send(what, self._gh.getitem("/app", jwt=self._app_jwt()))
+            login = response_field(app, "slug", str, forge=FORGE, what=what) + "[bot]"
+        log.info("KubeCI comments on GitHub as %s", login, extra={"forge": FORGE})
+        self._login = login
+        return login
 
     # Requests
 
