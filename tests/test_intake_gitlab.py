@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
 import pytest
@@ -383,6 +384,43 @@ def test_system_hook_classified_by_object_kind() -> None:
     delivery, intent = gitlab.parse(body, headers, secret=TOKEN)
     assert delivery.event_name == "System Hook"
     assert intent.kind == "start"
+
+
+def _member_hook() -> dict[str, Any]:
+    return {
+        "created_at": "2024-01-01T00:00:00Z",
+        "group_name": "acme",
+        "group_path": "acme",
+        "group_id": 7,
+        "user_username": "carol",
+        "user_id": 64,
+        "group_access": "Guest",
+        "event_name": "user_add_to_group",
+    }
+
+
+def test_member_hook_ignored() -> None:
+    body = json.dumps(_member_hook()).encode()
+    headers = {"X-Gitlab-Event": "Member Hook", "X-Gitlab-Token": TOKEN}
+    delivery, intent = gitlab.parse(body, headers, secret=TOKEN)
+    assert delivery.event_name == "Member Hook"
+    assert intent.kind == "ignore"
+    assert intent.reason == "unsupported event Member Hook (user_add_to_group)"
+
+
+def test_event_name_without_header_ignored() -> None:
+    payload = {"event_name": "subgroup_create", "group_id": 8, "parent_group_id": 7}
+    body = json.dumps(payload).encode()
+    delivery, intent = gitlab.parse(body, {"X-Gitlab-Token": TOKEN}, secret=TOKEN)
+    assert delivery.event_name == "subgroup_create"
+    assert intent.kind == "ignore"
+
+
+def test_unnamed_event_rejected() -> None:
+    body = json.dumps({"group_id": 8}).encode()
+    with pytest.raises(PayloadError) as caught:
+        gitlab.parse_delivery(body, {"X-Gitlab-Token": TOKEN}, secret=TOKEN)
+    assert caught.value.field == "header X-Gitlab-Event"
 
 
 # Malformed payloads

@@ -80,7 +80,8 @@ def parse_delivery(body: bytes, headers: Mapping[str, str], *, secret: str) -> D
     """Authenticate and decode one GitLab webhook request.
 
     Raises SignatureError before reading the body when authentication fails, and
-    PayloadError when the body is not a JSON object with an `object_kind`.
+    PayloadError when the body is not a JSON object, or when neither the
+    `X-Gitlab-Event` header nor the body's `object_kind` or `event_name` names the event.
     """
     lowered = normalise_headers(headers)
     verify_token(lowered, secret)
@@ -89,13 +90,22 @@ def parse_delivery(body: bytes, headers: Mapping[str, str], *, secret: str) -> D
         raise PayloadError("header Content-Type", f"is {media_type!r}; GitLab sends JSON")
     payload = decode_json_object(body)
     fields = Fields(payload)
-    object_kind = fields.text("object_kind")
+    # Member and subgroup hooks have no object_kind, only an event_name.
+    event_name = (
+        lowered.get("x-gitlab-event", "").strip()
+        or fields.optional_text("object_kind")
+        or fields.optional_text("event_name")
+    )
+    if not event_name:
+        raise PayloadError(
+            "header X-Gitlab-Event", "is missing, and the body has no object_kind or event_name"
+        )
     attributes = fields.optional_child("object_attributes")
     project = fields.optional_child("project")
     return Delivery(
         forge="gitlab",
         delivery_id=delivery_id_from(lowered, body),
-        event_name=lowered.get("x-gitlab-event", "").strip() or object_kind,
+        event_name=event_name,
         action=attributes.optional_text("action") if attributes else None,
         repository=_optional_path(project),
         payload=payload,
@@ -107,12 +117,18 @@ def classify(delivery: Delivery, *, bot_logins: Collection[str] = ()) -> Intent:
     """Classify a GitLab delivery into the Intent the service acts on.
 
     The body's `object_kind` decides, because system hooks send `X-Gitlab-Event:
-    System Hook` for every kind. `bot_logins` are usernames whose comments count as a
-    bot's, besides the users of project and group access tokens. Raises PayloadError
-    naming the first missing or mistyped field.
+    System Hook` for every kind. A body without `object_kind` (member and subgroup
+    hooks) is ignored. `bot_logins` are usernames whose comments count as a bot's,
+    besides the users of project and group access tokens. Raises PayloadError naming
+    the first missing or mistyped field.
     """
     fields = Fields(delivery.payload)
-    object_kind = fields.text("object_kind")
+    object_kind = fields.optional_text("object_kind")
+    if object_kind is None:
+        event_name = fields.optional_text("event_name")
+        detail = f" ({event_name})" if event_name else ""
+        reason = f"unsupported event {delivery.event_name}{detail}"
+        return Intent("ignore", reason, repository=delivery.repository)
     if object_kind in ("push", "tag_push"):
         return _classify_push(fields)
     if object_kind == "merge_request":
