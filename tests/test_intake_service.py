@@ -824,3 +824,20 @@ async def test_deliveries_counted_in_metrics(
     rejected = 'kubeci_deliveries_total{event="unknown",forge="github",outcome="unauthorized"} 1.0'
     assert started in text
     assert rejected in text
+
+
+async def test_gitlab_unknown_event_counted_as_other(core: Harness) -> None:
+    body, headers = gitlab_delivery(p.gitlab_push())
+    headers["X-Gitlab-Event"] = "Made Up Hook"
+    await post(core, "gitlab", body, headers)
+    body, headers = gitlab_delivery({"object_kind": "made_up"})
+    del headers["X-Gitlab-Event"]
+    await post(core, "gitlab", body, headers)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{core.base_url}/metrics") as response,
+    ):
+        text = await response.text()
+    assert "made" not in text.lower()
+    other = 'kubeci_deliveries_total{event="other",forge="gitlab",outcome="ignored"} 1.0'
+    assert other in text

@@ -28,6 +28,48 @@ from bot.intake.events import (
     ref_name,
 )
 
+# The X-Gitlab-Event names GitLab documents, and the object_kind values that name the
+# event when the header is absent. Metrics count other names as `other`, so that an
+# authenticated request cannot add labels without limit; add new events here.
+KNOWN_EVENTS = frozenset(
+    {
+        "Push Hook",
+        "Tag Push Hook",
+        "Issue Hook",
+        "Confidential Issue Hook",
+        "Note Hook",
+        "Confidential Note Hook",
+        "Merge Request Hook",
+        "Wiki Page Hook",
+        "Pipeline Hook",
+        "Job Hook",
+        "Deployment Hook",
+        "Feature Flag Hook",
+        "Release Hook",
+        "Emoji Hook",
+        "Resource Access Token Hook",
+        "Member Hook",
+        "Subgroup Hook",
+        "Project Hook",
+        "Vulnerability Hook",
+        "System Hook",
+        "push",
+        "tag_push",
+        "issue",
+        "note",
+        "merge_request",
+        "wiki_page",
+        "pipeline",
+        "build",
+        "deployment",
+        "feature_flag",
+        "release",
+        "emoji",
+        "access_token",
+        "vulnerability",
+    }
+)
+
 MR_START_ACTIONS = frozenset({"open", "reopen"})
 MR_CANCEL_ACTIONS = frozenset({"close", "merge"})
 

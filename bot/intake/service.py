@@ -74,6 +74,7 @@ _DELIVERY_HEADERS: Final = {
     "gitlab": ("x-gitlab-event-uuid", "idempotency-key"),
 }
 _EVENT_HEADERS: Final = {"github": "x-github-event", "gitlab": "x-gitlab-event"}
+_KNOWN_EVENTS: Final = {"github": github.KNOWN_EVENTS, "gitlab": gitlab.KNOWN_EVENTS}
 _DATABASE_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 
 
@@ -629,11 +630,14 @@ class Intake:
         return IntakeResult(status, body)
 
     def _count(self, forge: str, result: IntakeResult, headers: Mapping[str, str]) -> None:
-        # Only authenticated requests may name the event, so that unauthenticated ones
-        # cannot grow the metric's label set.
-        event = _clean_text(str(result.body.get("event") or "unknown"))
-        if result.status in (401, 404, 413):
+        # Only authenticated requests may name the event, and only with a name the forge
+        # documents, because the event header is not signed and every new label value
+        # is a new time series.
+        event = str(result.body.get("event") or "")
+        if result.status in (401, 404, 413) or not event:
             event = "unknown"
+        elif event not in _KNOWN_EVENTS.get(forge, frozenset()):
+            event = "other"
         forge_label = forge if forge in _SECRET_VARIABLES else "unknown"
         self.metrics.deliveries.labels(forge_label, event, result.outcome).inc()
 
