@@ -15,9 +15,10 @@ import aiohttp
 import asyncpg
 import pytest
 
+from bot.config import Settings
 from bot.forges.errors import ForgeServerError
 from bot.intake.events import JSON_DEPTH_MAX, NewComment, Trigger
-from bot.intake.service import TrustDecision
+from bot.intake.service import TrustDecision, configuration_warnings
 from bot.store.db import Connection
 from pipelines_schema.problems import Problem
 from tests import payloads as p
@@ -841,3 +842,49 @@ async def test_gitlab_unknown_event_counted_as_other(core: Harness) -> None:
     assert "made" not in text.lower()
     other = 'kubeci_deliveries_total{event="other",forge="gitlab",outcome="ignored"} 1.0'
     assert other in text
+
+
+# Start-up warnings
+
+
+def test_warnings_none_without_forges() -> None:
+    assert configuration_warnings(Settings()) == []
+
+
+def test_warnings_none_when_complete() -> None:
+    settings = Settings(
+        github_webhook_secret="s",
+        github_token="t",
+        gitlab_webhook_secret="s",
+        gitlab_token="t",
+    )
+    assert configuration_warnings(settings) == []
+
+
+@pytest.mark.parametrize(
+    ("values", "variable"),
+    [
+        ({"github_webhook_secret": "s"}, "KUBECI_GITHUB_TOKEN"),
+        ({"gitlab_webhook_secret": "s"}, "KUBECI_GITLAB_TOKEN"),
+        ({"github_token": "t"}, "KUBECI_GITHUB_WEBHOOK_SECRET"),
+        ({"github_app_id": "1", "github_private_key_file": "k"}, "KUBECI_GITHUB_WEBHOOK_SECRET"),
+        ({"gitlab_token": "t"}, "KUBECI_GITLAB_WEBHOOK_SECRET"),
+    ],
+)
+def test_warnings_half_configured_forge(values: dict[str, str], variable: str) -> None:
+    (warning,) = configuration_warnings(Settings(**values))
+    assert variable in warning
+
+
+def test_warnings_app_without_key() -> None:
+    settings = Settings(github_webhook_secret="s", github_app_id="1")
+    (warning,) = configuration_warnings(settings)
+    assert "KUBECI_GITHUB_PRIVATE_KEY_FILE" in warning
+
+
+def test_warnings_app_and_token() -> None:
+    settings = Settings(
+        github_webhook_secret="s", github_app_id="1", github_private_key_file="k", github_token="t"
+    )
+    (warning,) = configuration_warnings(settings)
+    assert "ignores the token" in warning
