@@ -556,6 +556,11 @@ def test_pull_request_head_sha_not_commit_id_named() -> None:
     assert _field_error(payload, "pull_request") == "pull_request.head.sha"
 
 
+def test_push_ref_over_limit_named() -> None:
+    payload = p.github_push(ref="refs/heads/" + "é" * 507)
+    assert _field_error(payload, "push") == "ref"
+
+
 def test_missing_ref_named() -> None:
     payload = p.github_push()
     del payload["ref"]

@@ -457,6 +457,18 @@ def test_invalid_project_path_named(path: str) -> None:
     assert _field_error(payload) == "project.path_with_namespace"
 
 
+def test_project_path_over_limit_named() -> None:
+    payload = p.gitlab_push()
+    payload["project"]["path_with_namespace"] = "acme/" + "w" * 508
+    assert _field_error(payload) == "project.path_with_namespace"
+
+
+def test_push_ref_over_limit_named() -> None:
+    payload = p.gitlab_push()
+    payload["ref"] = "refs/tags/" + "v" * 1015
+    assert _field_error(payload) == "ref"
+
+
 def test_nested_project_path_accepted() -> None:
     payload = p.gitlab_push()
     payload["project"]["path_with_namespace"] = "acme/platform/widgets.v2"

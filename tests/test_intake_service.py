@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -500,6 +501,15 @@ async def test_push_sha_not_commit_id_400(core: Harness, fake_github: FakeGitHub
     assert result["field"] == "after"
     assert "40 or 64 hexadecimal characters" in result["error"]
     assert fake_github.requests == []
+    assert set((await row_counts(core.pool)).values()) == {0}
+
+
+async def test_push_ref_long_400(core: Harness) -> None:
+    # Random text does not compress, so without the limit the ref overflows an index.
+    payload = p.github_push(ref="refs/heads/" + secrets.token_hex(1500))
+    status, result = await post(core, "github", *github_delivery(payload, "push"))
+    assert status == 400
+    assert result["field"] == "ref"
     assert set((await row_counts(core.pool)).values()) == {0}
 
 

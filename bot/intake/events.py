@@ -31,9 +31,11 @@ _COMMIT_ID = re.compile(r"[0-9a-fA-F]{40}|[0-9a-fA-F]{64}")
 # A segment of a GitHub `owner/name` or a GitLab `group/subgroup/project` path. Both
 # forges allow ASCII letters, digits, '_', '-' and '.', and neither allows "." or "..".
 _REPOSITORY_SEGMENT = re.compile(r"[A-Za-z0-9_.-]+")
-# NOTE: GitLab documents no limit for a full project path. KubeCI's limit keeps the name
-# inside what the indexes on runs and deliveries can store.
-REPOSITORY_MAX_CHARS = 1024
+# NOTE: GitLab documents no limit for a full project path, nor Git for a ref name. These
+# limits are KubeCI's: a run's superseding key (forge, repository, ref and job name) must
+# fit a Postgres btree index entry, at most 2704 bytes.
+REPOSITORY_MAX_CHARS = 512
+REF_MAX_BYTES = 1024
 # Maximum length of a delivery id header. The forges send UUIDs (36 characters), and the
 # limit keeps the value well inside what the unique index on deliveries can store.
 DELIVERY_ID_MAX_CHARS = 255
@@ -312,6 +314,16 @@ def check_repository_name(
                 " and '.', and may not be '.' or '..'",
             )
     return name
+
+
+def check_ref(ref: str, where: str) -> str:
+    """Return `ref`; raise PayloadError when its UTF-8 form is over `REF_MAX_BYTES`."""
+    size_bytes = len(ref.encode("utf-8", "replace"))
+    if size_bytes > REF_MAX_BYTES:
+        raise PayloadError(
+            where, f"is {size_bytes} bytes long; KubeCI accepts refs of at most {REF_MAX_BYTES}"
+        )
+    return ref
 
 
 def normalise_headers(headers: Mapping[str, str]) -> dict[str, str]:

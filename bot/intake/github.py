@@ -19,6 +19,7 @@ from bot.intake.events import (
     PayloadError,
     SignatureError,
     Trigger,
+    check_ref,
     check_repository_name,
     decode_body,
     delivery_id_header,
@@ -249,7 +250,7 @@ def _classify_ping(fields: Fields) -> Intent:
 
 
 def _classify_push(fields: Fields) -> Intent:
-    ref = fields.text("ref")
+    ref = check_ref(fields.text("ref"), fields.where("ref"))
     after = fields.text("after")
     before = fields.optional_text("before")
     repository = _repository_name(fields)

@@ -21,6 +21,7 @@ from bot.intake.events import (
     PayloadError,
     SignatureError,
     Trigger,
+    check_ref,
     check_repository_name,
     decode_json_object,
     delivery_id_header,
@@ -213,7 +214,7 @@ def _project(fields: Fields) -> tuple[str, int]:
 
 
 def _classify_push(fields: Fields) -> Intent:
-    ref = fields.text("ref")
+    ref = check_ref(fields.text("ref"), fields.where("ref"))
     after = fields.text("after")
     before = fields.optional_text("before")
     repository, project_id = _project(fields)
