@@ -296,7 +296,7 @@ def check_repository_name(
     """Return `name` when it is a valid repository path; raise PayloadError otherwise.
 
     A valid path has at least two segments and at most `max_segments`, such as GitHub's
-    `owner/name` or GitLab's `group/subgroup/project`; `form` names the expected shape
+    `owner/name` or GitLab's `group/subgroup/project`. `form` names the expected shape
     in the error. Each segment may contain only ASCII letters, digits, '_', '-' and '.',
     and may not be "." or "..", so that no name changes the path of a forge API URL.
     """
@@ -391,9 +391,10 @@ def _nesting_depth_exceeds(document: Any, max_depth: int) -> bool:
 def decode_json_object(raw: bytes | str, where: str = "body") -> dict[str, Any]:
     """Decode a JSON document whose top level must be an object.
 
-    Raises PayloadError when `raw` is not UTF-8 JSON, its top level is not an object, it
-    nests deeper than `JSON_DEPTH_MAX`, or it contains NaN, Infinity, a number out of
-    range of a float (such as 1e400) or an integer too long for Python to convert.
+    Raises PayloadError when `raw` is not UTF-8 JSON, its top level is not an object, or
+    it nests deeper than `JSON_DEPTH_MAX`. Raises PayloadError too when it contains NaN,
+    Infinity, a number out of range of a float (such as 1e400) or an integer too long
+    for Python to convert.
     """
     try:
         document = json.loads(
