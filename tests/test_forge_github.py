@@ -16,6 +16,7 @@ from bot.forges.errors import (
     ForgeConnectionError,
     ForgeNotFound,
     ForgeRateLimited,
+    ForgeResponseError,
     ForgeServerError,
 )
 from bot.forges.github import (
@@ -116,9 +117,60 @@ async def test_get_file_directory_rejected(fake_github: FakeGitHub, client: GitH
         await client.get_file(REPO, "ci", SHA)
 
 
+async def test_get_file_invalid_base64(fake_github: FakeGitHub, client: GitHubClient) -> None:
+    content = {"type": "file", "encoding": "base64", "content": "!!!!bm90IGJhc2U2NA=="}
+    fake_github.script("contents.get", Scripted(200, content))
+    with pytest.raises(ForgeResponseError, match="not valid base64"):
+        await client.get_file(REPO, ".kubeci.yml", SHA)
+
+
+async def test_get_file_wrapped_base64(fake_github: FakeGitHub, client: GitHubClient) -> None:
+    content = {"type": "file", "encoding": "base64", "content": "am9i\ncw==\n"}
+    fake_github.script("contents.get", Scripted(200, content))
+    assert await client.get_file(REPO, ".kubeci.yml", SHA) == b"jobs"
+
+
+async def test_get_file_html_response(fake_github: FakeGitHub, client: GitHubClient) -> None:
+    page = "<html><body>Unicorn! Something went wrong</body></html>"
+    fake_github.script("contents.get", Scripted(200, page, {"Content-Type": "text/html"}))
+    with pytest.raises(ForgeResponseError, match="not JSON; it starts with '<html><body>Unicorn"):
+        await client.get_file(REPO, ".kubeci.yml", SHA)
+
+
+async def test_get_file_empty_response(fake_github: FakeGitHub, client: GitHubClient) -> None:
+    fake_github.script("contents.get", Scripted(200, b"", {"Content-Type": "application/json"}))
+    with pytest.raises(ForgeResponseError, match="response body is empty"):
+        await client.get_file(REPO, ".kubeci.yml", SHA)
+
+
+async def test_get_file_blob_not_json(fake_github: FakeGitHub, client: GitHubClient) -> None:
+    fake_github.large_file_bytes = 4
+    fake_github.add_file(REPO, SHA, "big.yml", b"jobs: []")
+    fake_github.script(
+        "blobs.get", Scripted(200, "upstream timeout", {"Content-Type": "text/plain"})
+    )
+    with pytest.raises(ForgeResponseError, match="it starts with 'upstream timeout'"):
+        await client.get_file(REPO, "big.yml", SHA)
+
+
 async def test_bad_repository_name_rejected(client: GitHubClient) -> None:
     with pytest.raises(ValueError, match="owner/name"):
         await client.get_file("widgets", ".kubeci.yml", SHA)
+
+
+@pytest.mark.parametrize("repo", ["octo-org/..", "../widgets", "./widgets"])
+async def test_dot_repository_rejected(
+    fake_github: FakeGitHub, client: GitHubClient, repo: str
+) -> None:
+    with pytest.raises(ValueError, match=r"'\.' or '\.\.'"):
+        await client.get_file(repo, ".kubeci.yml", SHA)
+    assert fake_github.requests == []
+
+
+async def test_dot_path_segment_rejected(fake_github: FakeGitHub, client: GitHubClient) -> None:
+    with pytest.raises(ValueError, match=r"invalid GitHub API path segment '\.\.'"):
+        await client.remove_label(REPO, 1, "..")
+    assert fake_github.requests == []
 
 
 # Pull requests
@@ -267,6 +319,38 @@ async def test_create_comment_returns_comment(
     assert comment.body == "<!-- kubeci -->\nAll green"
     assert comment.author_is_bot is True
     assert fake_github.comments[(REPO, 7)][0]["id"] == comment.id
+
+
+async def test_authenticated_login_of_token(fake_github: FakeGitHub, client: GitHubClient) -> None:
+    assert await client.authenticated_login() == fake_github.bot_user["login"]
+    assert await client.authenticated_login() == fake_github.bot_user["login"]
+    assert len(fake_github.requests_to("user.get")) == 1
+
+
+async def test_authenticated_login_of_app(
+    fake_github: FakeGitHub, app_client: GitHubClient
+) -> None:
+    fake_github.app_slug = "ci-helper"
+    assert await app_client.authenticated_login() == "ci-helper[bot]"
+    assert fake_github.requests_to("user.get") == []
+
+
+async def test_authenticated_login_configured(
+    fake_github: FakeGitHub, session: aiohttp.ClientSession
+) -> None:
+    auth = TokenAuth("ghp-test-token")
+    client = GitHubClient(session, auth=auth, api_url=fake_github.url, bot_login="ci-machine")
+    assert await client.authenticated_login() == "ci-machine"
+    assert fake_github.requests == []
+
+
+async def test_authenticated_login_failure_not_cached(
+    fake_github: FakeGitHub, client: GitHubClient
+) -> None:
+    fake_github.script("user.get", Scripted(502))
+    with pytest.raises(ForgeServerError):
+        await client.authenticated_login()
+    assert await client.authenticated_login() == fake_github.bot_user["login"]
 
 
 async def test_edit_comment_changes_body(fake_github: FakeGitHub, client: GitHubClient) -> None:

@@ -65,6 +65,12 @@ async def test_get_file_by_project_path(gitlab_fake: FakeGitLab, client: GitLabC
     assert await client.get_file(PATH, "ci/pípeline.yml", SHA) == b"a: 1"
 
 
+async def test_get_file_dot_project_rejected(gitlab_fake: FakeGitLab, client: GitLabClient) -> None:
+    with pytest.raises(ValueError, match=r"'\.' or '\.\.'"):
+        await client.get_file("acme/..", ".kubeci.yml", SHA)
+    assert gitlab_fake.requests == []
+
+
 async def test_get_file_unknown_project_returns_none(client: GitLabClient) -> None:
     assert await client.get_file("acme/other", ".kubeci.yml", SHA) is None
 
@@ -227,6 +233,21 @@ async def test_find_note_by_marker_filters_author(
     gitlab_fake.add_note(PROJECT, 3, "<!-- kubeci -->", author="mallory")
     found = await client.find_note_by_marker(PROJECT, 3, "<!-- kubeci -->", author="kubeci")
     assert found is None
+
+
+async def test_authenticated_username_cached(gitlab_fake: FakeGitLab, client: GitLabClient) -> None:
+    assert await client.authenticated_username() == gitlab_fake.bot_user["username"]
+    assert await client.authenticated_username() == gitlab_fake.bot_user["username"]
+    assert len(gitlab_fake.requests_to("user.get")) == 1
+
+
+async def test_authenticated_username_bad_token(gitlab_fake: FakeGitLab) -> None:
+    client = make_client(gitlab_fake, token="glpat-wrong")
+    try:
+        with pytest.raises(ForgeAuthError):
+            await client.authenticated_username()
+    finally:
+        client.close()
 
 
 # Members, award emoji, labels

@@ -120,6 +120,12 @@ def test_content_type_charset_accepted() -> None:
         (b"[1, 2]", "must be a JSON object, got array"),
         (b"\xff\xfe{}", "is not"),
         (b"", "is not valid JSON"),
+        (b'{"zen": NaN}', "contains NaN"),
+        (b'{"zen": -Infinity}', "contains -Infinity"),
+        (b'{"zen": 1e400}', "1e400, which is out of range"),
+        (b'{"zen": 1' + b"0" * 4300 + b"}", "integer of 4301 digits"),
+        (b'{"zen": ' + b"[" * 100 + b"]" * 100 + b"}", "deeper than 100 levels"),
+        (b'{"zen": ' * 100_000 + b"1" + b"}" * 100_000, "deeper than 100 levels"),
     ],
 )
 def test_malformed_body_rejected(body: bytes, problem: str) -> None:
@@ -150,6 +156,20 @@ def test_delivery_id_missing_falls_back_to_body_hash() -> None:
     del headers["X-GitHub-Delivery"]
     delivery = github.parse_delivery(body, headers, secret=SECRET)
     assert delivery.delivery_id.startswith("sha256:")
+
+
+def test_delivery_id_over_limit_rejected() -> None:
+    body, headers = p.github_request(p.github_ping(), "ping", secret=SECRET)
+    headers["X-GitHub-Delivery"] = "d" * 256
+    with pytest.raises(PayloadError, match="at most 255") as caught:
+        github.parse_delivery(body, headers, secret=SECRET)
+    assert caught.value.field == "header X-GitHub-Delivery"
+
+
+def test_delivery_id_at_limit_accepted() -> None:
+    body, headers = p.github_request(p.github_ping(), "ping", secret=SECRET)
+    headers["X-GitHub-Delivery"] = "d" * 255
+    assert github.parse_delivery(body, headers, secret=SECRET).delivery_id == "d" * 255
 
 
 # Ping and pushes
@@ -495,6 +515,50 @@ def test_null_repository_named() -> None:
     payload = p.github_push()
     payload["repository"] = None
     assert _field_error(payload, "push") == "repository"
+
+
+@pytest.mark.parametrize(
+    "full_name",
+    ["octo-org/widgets/extra", "octo-org/..", "../widgets", "./widgets", "widgets", "octo org/w"],
+)
+def test_invalid_repository_name_named(full_name: str) -> None:
+    payload = p.github_push()
+    payload["repository"]["full_name"] = full_name
+    assert _field_error(payload, "push") == "repository.full_name"
+
+
+def test_invalid_head_repository_named() -> None:
+    payload = p.github_pull_request("opened", head_repo=p.github_repo("fork-owner/widgets", 2002))
+    payload["pull_request"]["head"]["repo"]["full_name"] = "fork-owner/.."
+    assert _field_error(payload, "pull_request") == "pull_request.head.repo.full_name"
+
+
+def test_repository_name_with_dots_accepted() -> None:
+    payload = p.github_push()
+    payload["repository"]["full_name"] = "octo-org/widgets.js"
+    assert classify(payload, "push").repository == "octo-org/widgets.js"
+
+
+@pytest.mark.parametrize("after", ["main", "HEAD", "b" * 39, "b" * 41, "g" * 40, ""])
+def test_push_after_not_commit_id_named(after: str) -> None:
+    payload = p.github_push(after=after)
+    assert _field_error(payload, "push") == "after"
+
+
+def test_push_sha256_commit_id_accepted() -> None:
+    intent = classify(p.github_push(after="d" * 64), "push")
+    assert intent.trigger is not None
+    assert intent.trigger.sha == "d" * 64
+
+
+def test_pull_request_head_sha_not_commit_id_named() -> None:
+    payload = p.github_pull_request("opened", head_sha="refs/heads/main")
+    assert _field_error(payload, "pull_request") == "pull_request.head.sha"
+
+
+def test_push_ref_over_limit_named() -> None:
+    payload = p.github_push(ref="refs/heads/" + "é" * 507)
+    assert _field_error(payload, "push") == "ref"
 
 
 def test_missing_ref_named() -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
 import pytest
@@ -76,6 +77,15 @@ def test_delivery_id_from_body_hash() -> None:
     assert delivery.delivery_id == "sha256:" + hashlib.sha256(body).hexdigest()
 
 
+@pytest.mark.parametrize("header", ["X-Gitlab-Event-UUID", "Idempotency-Key"])
+def test_delivery_id_over_limit_rejected(header: str) -> None:
+    extra = {header: "u" * 256}
+    body, headers = p.gitlab_request(p.gitlab_push(), token=TOKEN, extra_headers=extra)
+    with pytest.raises(PayloadError, match="at most 255") as caught:
+        gitlab.parse_delivery(body, headers, secret=TOKEN)
+    assert caught.value.field == f"header {header}"
+
+
 def test_delivery_fields_read() -> None:
     body, headers = p.gitlab_request(p.gitlab_merge_request("open"), token=TOKEN)
     delivery = gitlab.parse_delivery(body, headers, secret=TOKEN)
@@ -87,7 +97,13 @@ def test_delivery_fields_read() -> None:
 
 @pytest.mark.parametrize(
     ("body", "problem"),
-    [(b"{", "is not valid JSON"), (b"[]", "must be a JSON object"), (b"{}", "object_kind")],
+    [
+        (b"{", "is not valid JSON"),
+        (b"[]", "must be a JSON object"),
+        (b"{}", "object_kind"),
+        (b'{"object_kind": "push", "total_commits_count": NaN}', "contains NaN"),
+        (b'{"object_kind": "push", "total_commits_count": 1e999}', "out of range"),
+    ],
 )
 def test_malformed_body_rejected(body: bytes, problem: str) -> None:
     with pytest.raises(PayloadError, match=problem):
@@ -370,6 +386,43 @@ def test_system_hook_classified_by_object_kind() -> None:
     assert intent.kind == "start"
 
 
+def _member_hook() -> dict[str, Any]:
+    return {
+        "created_at": "2024-01-01T00:00:00Z",
+        "group_name": "acme",
+        "group_path": "acme",
+        "group_id": 7,
+        "user_username": "carol",
+        "user_id": 64,
+        "group_access": "Guest",
+        "event_name": "user_add_to_group",
+    }
+
+
+def test_member_hook_ignored() -> None:
+    body = json.dumps(_member_hook()).encode()
+    headers = {"X-Gitlab-Event": "Member Hook", "X-Gitlab-Token": TOKEN}
+    delivery, intent = gitlab.parse(body, headers, secret=TOKEN)
+    assert delivery.event_name == "Member Hook"
+    assert intent.kind == "ignore"
+    assert intent.reason == "unsupported event Member Hook (user_add_to_group)"
+
+
+def test_event_name_without_header_ignored() -> None:
+    payload = {"event_name": "subgroup_create", "group_id": 8, "parent_group_id": 7}
+    body = json.dumps(payload).encode()
+    delivery, intent = gitlab.parse(body, {"X-Gitlab-Token": TOKEN}, secret=TOKEN)
+    assert delivery.event_name == "subgroup_create"
+    assert intent.kind == "ignore"
+
+
+def test_unnamed_event_rejected() -> None:
+    body = json.dumps({"group_id": 8}).encode()
+    with pytest.raises(PayloadError) as caught:
+        gitlab.parse_delivery(body, {"X-Gitlab-Token": TOKEN}, secret=TOKEN)
+    assert caught.value.field == "header X-Gitlab-Event"
+
+
 # Malformed payloads
 
 
@@ -395,6 +448,54 @@ def test_missing_project_path_named() -> None:
     payload = p.gitlab_push()
     del payload["project"]["path_with_namespace"]
     assert _field_error(payload) == "project.path_with_namespace"
+
+
+@pytest.mark.parametrize("path", ["acme/../widgets", "acme/.", "widgets", "acme//widgets"])
+def test_invalid_project_path_named(path: str) -> None:
+    payload = p.gitlab_push()
+    payload["project"]["path_with_namespace"] = path
+    assert _field_error(payload) == "project.path_with_namespace"
+
+
+def test_project_path_over_limit_named() -> None:
+    payload = p.gitlab_push()
+    payload["project"]["path_with_namespace"] = "acme/" + "w" * 508
+    assert _field_error(payload) == "project.path_with_namespace"
+
+
+def test_push_ref_over_limit_named() -> None:
+    payload = p.gitlab_push()
+    payload["ref"] = "refs/tags/" + "v" * 1015
+    assert _field_error(payload) == "ref"
+
+
+def test_nested_project_path_accepted() -> None:
+    payload = p.gitlab_push()
+    payload["project"]["path_with_namespace"] = "acme/platform/widgets.v2"
+    assert classify(payload).repository == "acme/platform/widgets.v2"
+
+
+def test_push_checkout_sha_not_commit_id_named() -> None:
+    payload = p.gitlab_push()
+    payload["checkout_sha"] = "main"
+    assert _field_error(payload) == "checkout_sha"
+
+
+def test_push_after_not_commit_id_named() -> None:
+    payload = p.gitlab_push(after="HEAD")
+    payload["checkout_sha"] = None
+    assert _field_error(payload) == "after"
+
+
+def test_merge_request_last_commit_not_commit_id_named() -> None:
+    payload = p.gitlab_merge_request("open", last_commit="c" * 12)
+    assert _field_error(payload) == "object_attributes.last_commit.id"
+
+
+def test_note_last_commit_not_commit_id_named() -> None:
+    payload = p.gitlab_note()
+    payload["merge_request"]["last_commit"]["id"] = "not-a-sha"
+    assert _field_error(payload) == "merge_request.last_commit.id"
 
 
 def test_missing_merge_request_on_note_named() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -15,9 +16,10 @@ import aiohttp
 import asyncpg
 import pytest
 
+from bot.config import Settings
 from bot.forges.errors import ForgeServerError
-from bot.intake.events import NewComment, Trigger
-from bot.intake.service import TrustDecision
+from bot.intake.events import JSON_DEPTH_MAX, NewComment, Trigger
+from bot.intake.service import TrustDecision, configuration_warnings
 from bot.store.db import Connection
 from pipelines_schema.problems import Problem
 from tests import payloads as p
@@ -492,6 +494,25 @@ async def test_missing_field_400_names_it(core: Harness) -> None:
     assert set((await row_counts(core.pool)).values()) == {0}
 
 
+async def test_push_sha_not_commit_id_400(core: Harness, fake_github: FakeGitHub) -> None:
+    payload = p.github_push(after="refs/heads/main")
+    status, result = await post(core, "github", *github_delivery(payload, "push"))
+    assert status == 400
+    assert result["field"] == "after"
+    assert "40 or 64 hexadecimal characters" in result["error"]
+    assert fake_github.requests == []
+    assert set((await row_counts(core.pool)).values()) == {0}
+
+
+async def test_push_ref_long_400(core: Harness) -> None:
+    # Random text does not compress, so without the limit the ref overflows an index.
+    payload = p.github_push(ref="refs/heads/" + secrets.token_hex(1500))
+    status, result = await post(core, "github", *github_delivery(payload, "push"))
+    assert status == 400
+    assert result["field"] == "ref"
+    assert set((await row_counts(core.pool)).values()) == {0}
+
+
 async def test_wrong_method_405(core: Harness) -> None:
     async with (
         aiohttp.ClientSession() as session,
@@ -785,6 +806,20 @@ async def test_comment_with_nul_stored(core: Harness) -> None:
     assert (await delivery_row(core, "d-nul"))["payload"]["comment"]["body"].startswith("/retest")
 
 
+async def test_comment_nested_at_limit_stored(core: Harness) -> None:
+    payload = p.github_issue_comment()
+    nested: dict[str, Any] = {}
+    payload["extra"] = nested
+    # The payload object and "extra" are two levels, so this reaches the limit exactly.
+    for _ in range(JSON_DEPTH_MAX - 2):
+        nested["inner"] = {}
+        nested = nested["inner"]
+    body, headers = github_delivery(payload, "issue_comment", delivery="d-deep")
+    status, result = await post(core, "github", body, headers)
+    assert status == 200, result
+    assert (await delivery_row(core, "d-deep"))["outcome"] == "comment_stored"
+
+
 async def test_deliveries_counted_in_metrics(
     core: Harness, fake_github: FakeGitHub, fake_target: FakeTarget
 ) -> None:
@@ -800,3 +835,66 @@ async def test_deliveries_counted_in_metrics(
     rejected = 'kubeci_deliveries_total{event="unknown",forge="github",outcome="unauthorized"} 1.0'
     assert started in text
     assert rejected in text
+
+
+async def test_gitlab_unknown_event_counted_as_other(core: Harness) -> None:
+    body, headers = gitlab_delivery(p.gitlab_push())
+    headers["X-Gitlab-Event"] = "Made Up Hook"
+    await post(core, "gitlab", body, headers)
+    body, headers = gitlab_delivery({"object_kind": "made_up"})
+    del headers["X-Gitlab-Event"]
+    await post(core, "gitlab", body, headers)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{core.base_url}/metrics") as response,
+    ):
+        text = await response.text()
+    assert "made" not in text.lower()
+    other = 'kubeci_deliveries_total{event="other",forge="gitlab",outcome="ignored"} 1.0'
+    assert other in text
+
+
+# Start-up warnings
+
+
+def test_warnings_none_without_forges() -> None:
+    assert configuration_warnings(Settings()) == []
+
+
+def test_warnings_none_when_complete() -> None:
+    settings = Settings(
+        github_webhook_secret="s",
+        github_token="t",
+        gitlab_webhook_secret="s",
+        gitlab_token="t",
+    )
+    assert configuration_warnings(settings) == []
+
+
+@pytest.mark.parametrize(
+    ("values", "variable"),
+    [
+        ({"github_webhook_secret": "s"}, "KUBECI_GITHUB_TOKEN"),
+        ({"gitlab_webhook_secret": "s"}, "KUBECI_GITLAB_TOKEN"),
+        ({"github_token": "t"}, "KUBECI_GITHUB_WEBHOOK_SECRET"),
+        ({"github_app_id": "1", "github_private_key_file": "k"}, "KUBECI_GITHUB_WEBHOOK_SECRET"),
+        ({"gitlab_token": "t"}, "KUBECI_GITLAB_WEBHOOK_SECRET"),
+    ],
+)
+def test_warnings_half_configured_forge(values: dict[str, str], variable: str) -> None:
+    (warning,) = configuration_warnings(Settings(**values))
+    assert variable in warning
+
+
+def test_warnings_app_without_key() -> None:
+    settings = Settings(github_webhook_secret="s", github_app_id="1")
+    (warning,) = configuration_warnings(settings)
+    assert "KUBECI_GITHUB_PRIVATE_KEY_FILE" in warning
+
+
+def test_warnings_app_and_token() -> None:
+    settings = Settings(
+        github_webhook_secret="s", github_app_id="1", github_private_key_file="k", github_token="t"
+    )
+    (warning,) = configuration_warnings(settings)
+    assert "ignores the token" in warning

@@ -127,98 +127,73 @@ async def test_run_page_superscript_digit(service: Harness) -> None:
     assert await get_status(service, "/runs/%C2%B2") == 404
 
 
-# Still wrong
-
-
-@pytest.mark.xfail(
-    strict=True, reason="a delivery id over 2.7 kB overflows the unique index: 503 forever"
-)
 async def test_delivery_id_long(service: Harness) -> None:
     body = json.dumps(p.github_ping()).encode()
     headers = {**signed_ping(body), "X-GitHub-Delivery": secrets.token_hex(2500)}
-    status, _ = await post(service, "github", body, headers)
-    assert status < 500
+    status, result = await post(service, "github", body, headers)
+    assert status == 400
+    assert result["field"] == "header X-GitHub-Delivery"
 
 
-@pytest.mark.xfail(strict=True, reason="NaN in a stored payload is rejected by jsonb: 503 forever")
-async def test_comment_nan_stored(service: Harness) -> None:
+async def test_comment_nan_rejected(service: Harness) -> None:
     text = json.dumps(p.github_issue_comment(body="looks good"))
     body = text.replace('"action": "created"', '"action": "created", "score": NaN').encode()
-    status, _ = await post(service, "github", body, signed_ping(body, "issue_comment"))
-    assert status < 500
+    status, result = await post(service, "github", body, signed_ping(body, "issue_comment"))
+    assert status == 400
+    assert "contains NaN" in result["error"]
 
 
-@pytest.mark.xfail(strict=True, reason="deeply nested JSON raises RecursionError: 500")
+async def test_comment_huge_float_rejected(service: Harness) -> None:
+    text = json.dumps(p.github_issue_comment(body="looks good"))
+    body = text.replace('"action": "created"', '"action": "created", "score": 1e400').encode()
+    status, result = await post(service, "github", body, signed_ping(body, "issue_comment"))
+    assert status == 400
+    assert "1e400" in result["error"]
+
+
 async def test_body_nested_deep(service: Harness) -> None:
     body = b'{"zen":' * 100_000 + b"1" + b"}" * 100_000
-    status, _ = await post(service, "github", body, signed_ping(body))
+    status, result = await post(service, "github", body, signed_ping(body))
     assert status == 400
+    assert "deeper than" in result["error"]
 
 
-@pytest.mark.xfail(strict=True, reason="an integer over 4300 digits raises ValueError: 500")
 async def test_body_integer_huge(service: Harness) -> None:
     body = b'{"zen": "x", "hook_id": 1' + b"0" * 4300 + b"}"
-    status, _ = await post(service, "github", body, signed_ping(body))
+    status, result = await post(service, "github", body, signed_ping(body))
     assert status == 400
+    assert "4301 digits" in result["error"]
 
 
-@pytest.mark.xfail(strict=True, reason="a repository name with two slashes raises ValueError: 500")
 async def test_push_repository_slashes(service: Harness) -> None:
     payload = p.github_push(repo=p.github_repo("octo-org/widgets"))
     payload["repository"]["full_name"] = "octo-org/widgets/extra"
     body = json.dumps(payload).encode()
-    status, _ = await post(service, "github", body, signed_ping(body, "push"))
-    assert status < 500
+    status, result = await post(service, "github", body, signed_ping(body, "push"))
+    assert status == 400
+    assert result["field"] == "repository.full_name"
 
 
-@pytest.mark.xfail(strict=True, reason="invalid base64 from the contents API escapes: 500")
+async def test_push_repository_dot_segment(service: Harness, fake_github: FakeGitHub) -> None:
+    payload = p.github_push(repo=p.github_repo("octo-org/widgets"))
+    payload["repository"]["full_name"] = "octo-org/.."
+    body = json.dumps(payload).encode()
+    status, result = await post(service, "github", body, signed_ping(body, "push"))
+    assert status == 400
+    assert result["field"] == "repository.full_name"
+    assert fake_github.requests == []
+
+
 async def test_file_base64_invalid(service: Harness, fake_github: FakeGitHub) -> None:
     content = {"type": "file", "encoding": "base64", "content": "!!!notbase64"}
     fake_github.script("contents.get", Scripted(200, content))
     body = json.dumps(p.github_push()).encode()
-    status, _ = await post(service, "github", body, signed_ping(body, "push"))
+    status, result = await post(service, "github", body, signed_ping(body, "push"))
     assert status == 503
+    assert result["outcome"] == "forge_unavailable"
+    assert "not valid base64" in result["error"]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="the unsigned event header of a signed body names new metric labels"
-)
-async def test_metrics_event_names_bounded(service: Harness) -> None:
-    body = json.dumps(p.github_ping()).encode()
-    for index in range(5):
-        await post(service, "github", body, signed_ping(body, f"made-up-{index}"))
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"{service.base_url}/metrics") as reply,
-    ):
-        text = await reply.text()
-    assert "made-up-" not in text
-
-
-@pytest.mark.xfail(strict=True, reason="a GitLab hook without object_kind (Member Hook) gets 400")
-async def test_gitlab_member_hook(service: Harness) -> None:
-    payload = {
-        "created_at": "2024-01-01T00:00:00Z",
-        "group_name": "acme",
-        "group_path": "acme",
-        "group_id": 7,
-        "user_username": "carol",
-        "user_id": 64,
-        "group_access": "Guest",
-        "event_name": "user_add_to_group",
-    }
-    body = json.dumps(payload).encode()
-    headers = {
-        "Content-Type": "application/json",
-        "X-Gitlab-Event": "Member Hook",
-        "X-Gitlab-Token": GITLAB_SECRET,
-        "X-Gitlab-Event-UUID": str(uuid.uuid4()),
-    }
-    status, _ = await post(service, "gitlab", body, headers)
-    assert status == 200
-
-
-@pytest.mark.xfail(strict=True, reason="the summary overwrites a user's comment with the marker")
 async def test_github_summary_user_marker(
     service: Harness, fake_github: FakeGitHub, fake_target: FakeTarget
 ) -> None:
@@ -234,7 +209,6 @@ async def test_github_summary_user_marker(
     assert fake_github.comments[(GITHUB_REPO.lower(), 7)][0]["body"] == user_text
 
 
-@pytest.mark.xfail(strict=True, reason="the summary overwrites a user's note with the marker")
 async def test_gitlab_summary_user_marker(
     service: Harness, fake_gitlab: FakeGitLab, fake_target: FakeTarget
 ) -> None:
@@ -253,3 +227,40 @@ async def test_gitlab_summary_user_marker(
     await service.wait_run(result["runs"][0]["id"])
     await service.wait_outbox()
     assert fake_gitlab.notes[(GITLAB_PROJECT_ID, 3)][0]["body"] == user_text
+
+
+async def test_gitlab_member_hook(service: Harness) -> None:
+    payload = {
+        "created_at": "2024-01-01T00:00:00Z",
+        "group_name": "acme",
+        "group_path": "acme",
+        "group_id": 7,
+        "user_username": "carol",
+        "user_id": 64,
+        "group_access": "Guest",
+        "event_name": "user_add_to_group",
+    }
+    body = json.dumps(payload).encode()
+    headers = {
+        "Content-Type": "application/json",
+        "X-Gitlab-Event": "Member Hook",
+        "X-Gitlab-Token": GITLAB_SECRET,
+        "X-Gitlab-Event-UUID": str(uuid.uuid4()),
+    }
+    status, result = await post(service, "gitlab", body, headers)
+    assert status == 200
+    assert result["outcome"] == "ignored"
+    assert result["reason"] == "unsupported event Member Hook (user_add_to_group)"
+
+
+async def test_metrics_event_names_bounded(service: Harness) -> None:
+    body = json.dumps(p.github_ping()).encode()
+    for index in range(5):
+        await post(service, "github", body, signed_ping(body, f"made-up-{index}"))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{service.base_url}/metrics") as reply,
+    ):
+        text = await reply.text()
+    assert "made-up-" not in text
+    assert 'kubeci_deliveries_total{event="other",forge="github",outcome="ignored"} 5.0' in text

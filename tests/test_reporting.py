@@ -450,7 +450,8 @@ async def test_summary_comment_found_by_marker(
     db: asyncpg.Pool, database_dsn: str, fake_github: FakeGitHub, fake_target: FakeTarget
 ) -> None:
     fake_github.add_comment(REPO, PR, "Looks good to me")
-    old = fake_github.add_comment(REPO, PR, SUMMARY_MARKER + "\nold summary", author="kubeci")
+    bot_login = fake_github.bot_user["login"]
+    old = fake_github.add_comment(REPO, PR, SUMMARY_MARKER + "\nold summary", author=bot_login)
     settings = forge_settings(database_dsn, fake_github)
     async with reporting_core(db, settings) as core:
         await run_to_end(core, fake_target, **github_run())
@@ -458,6 +459,47 @@ async def test_summary_comment_found_by_marker(
     assert len(comments) == 2
     assert fake_github.requests_to("comments.create") == []
     assert "old summary" not in old["body"]
+
+
+async def test_summary_user_marker_not_adopted(
+    db: asyncpg.Pool, database_dsn: str, fake_github: FakeGitHub, fake_target: FakeTarget
+) -> None:
+    quoted = fake_github.add_comment(REPO, PR, SUMMARY_MARKER + " quoted", author="carol")
+    settings = forge_settings(database_dsn, fake_github)
+    async with reporting_core(db, settings) as core:
+        await run_to_end(core, fake_target, **github_run())
+    comments = fake_github.comments[(REPO.lower(), PR)]
+    assert quoted["body"] == SUMMARY_MARKER + " quoted"
+    assert len(comments) == 2
+    assert comments[1]["user"]["login"] == fake_github.bot_user["login"]
+    assert len(fake_github.requests_to("user.get")) == 1
+
+
+async def test_summary_configured_bot_login(
+    db: asyncpg.Pool, database_dsn: str, fake_github: FakeGitHub, fake_target: FakeTarget
+) -> None:
+    old = fake_github.add_comment(REPO, PR, SUMMARY_MARKER + "\nold", author="CI-Machine")
+    settings = forge_settings(database_dsn, fake_github, github_bot_login="ci-machine")
+    async with reporting_core(db, settings) as core:
+        await run_to_end(core, fake_target, **github_run())
+    assert "old" not in old["body"]
+    assert fake_github.requests_to("comments.create") == []
+    assert fake_github.requests_to("user.get") == []
+
+
+async def test_gitlab_summary_own_note_adopted(
+    db: asyncpg.Pool, database_dsn: str, gitlab_project: FakeGitLab, fake_target: FakeTarget
+) -> None:
+    bot_name = gitlab_project.bot_user["username"]
+    gitlab_project.add_note(PROJECT_ID, MR, SUMMARY_MARKER + " by a user", author="carol")
+    ours = gitlab_project.add_note(PROJECT_ID, MR, SUMMARY_MARKER + "\nold", author=bot_name)
+    settings = forge_settings(database_dsn, gitlab=gitlab_project)
+    async with reporting_core(db, settings) as core:
+        await run_to_end(core, fake_target, **gitlab_run(SHA))
+    notes = gitlab_project.notes[(PROJECT_ID, MR)]
+    assert notes[0]["body"] == SUMMARY_MARKER + " by a user"
+    assert "old" not in ours["body"]
+    assert gitlab_project.requests_to("notes.create") == []
 
 
 async def test_gitlab_summary_note_edited_in_place(
@@ -542,6 +584,18 @@ async def test_app_mode_check_run_completed(
     assert "boom: disk full" in check_run["output"]["text"]
     assert fake_github.requests_to("installation.get") == []
     assert len(fake_github.comments[(REPO.lower(), PR)]) == 1
+
+
+async def test_app_mode_summary_adopted_by_slug(
+    db: asyncpg.Pool, app_settings: Settings, fake_github: FakeGitHub, fake_target: FakeTarget
+) -> None:
+    fake_github.add_comment(REPO, PR, SUMMARY_MARKER + " quoted", author="carol")
+    old = fake_github.add_comment(REPO, PR, SUMMARY_MARKER + "\nold", author="kubeci[bot]")
+    async with reporting_core(db, app_settings) as core:
+        await run_to_end(core, fake_target, **github_run(source={"installation_id": INSTALLATION}))
+    assert "old" not in old["body"]
+    assert fake_github.requests_to("comments.create") == []
+    assert len(fake_github.requests_to("app.get")) == 1
 
 
 # Configuration errors

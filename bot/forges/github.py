@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import datetime
 import logging
 import time
@@ -42,6 +43,7 @@ from bot.forges.errors import (
     ForgeRateLimited,
     ForgeResponseError,
     ForgeServerError,
+    body_excerpt,
     parse_retry_after,
     seconds_until_epoch,
 )
@@ -183,16 +185,29 @@ def error_for_status(
     return ForgeClientError(message, **common)
 
 
+# Path segments that clients and servers resolve against the path before them.
+_DOT_SEGMENTS = frozenset({".", ".."})
+
+
 def _split_repository(repo: str) -> tuple[str, str]:
     owner, slash, name = repo.partition("/")
     if not slash or not owner or not name or "/" in name:
         raise ValueError(f"GitHub repository must be 'owner/name', got {repo!r}")
+    if owner in _DOT_SEGMENTS or name in _DOT_SEGMENTS:
+        raise ValueError(f"GitHub repository owner and name may not be '.' or '..', got {repo!r}")
     return owner, name
 
 
 def _repo_url(repo: str, *segments: str | int, query: Mapping[str, str] | None = None) -> str:
-    """Build an API path under /repos/OWNER/NAME with every segment percent-encoded."""
+    """Build an API path under /repos/OWNER/NAME with every segment percent-encoded.
+
+    Raises ValueError when `repo` is not `owner/name` or a segment is empty, "." or "..":
+    percent-encoding leaves dots as they are, and a URL parser would resolve them.
+    """
     parts = [*_split_repository(repo), *(str(segment) for segment in segments)]
+    for part in parts:
+        if not part or part in _DOT_SEGMENTS:
+            raise ValueError(f"invalid GitHub API path segment {part!r} in a request for {repo}")
     url = "/repos/" + "/".join(urllib.parse.quote(part, safe="") for part in parts)
     if query:
         url += "?" + urllib.parse.urlencode(query)
@@ -209,6 +224,35 @@ def _parse_expiry(value: str) -> float:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=datetime.UTC)
     return moment.timestamp()
+
+
+def _require_object(data: Any, what: str) -> None:
+    """Raise ForgeResponseError unless `data`, a decoded response, is a JSON object."""
+    if isinstance(data, dict):
+        return
+    if data is None:
+        problem = "the response body is empty or has no content type"
+    elif isinstance(data, str):
+        problem = f"the response is not JSON; it starts with {body_excerpt(data, 80)!r}"
+    else:
+        problem = f"the response is a JSON {type(data).__name__}, not an object"
+    raise ForgeResponseError(f"GitHub {what}: {problem}", forge=FORGE)
+
+
+def _decode_content(data: dict[str, Any], what: str) -> bytes:
+    """Decode the base64 `content` of a contents or blob response."""
+    encoding = data.get("encoding")
+    if encoding != "base64":
+        raise ForgeResponseError(f"GitHub {what}: unexpected encoding {encoding!r}", forge=FORGE)
+    content = response_field(data, "content", str, forge=FORGE, what=what)
+    # GitHub wraps the base64 text in lines, so drop whitespace and reject anything else
+    # outside the base64 alphabet instead of skipping it.
+    try:
+        return base64.b64decode("".join(content.split()), validate=True)
+    except binascii.Error as exc:
+        raise ForgeResponseError(
+            f"GitHub {what}: the content is not valid base64 ({exc})", forge=FORGE
+        ) from exc
 
 
 def _comment(data: Any, what: str) -> Comment:
@@ -264,7 +308,8 @@ class GitHubClient:
     """Calls the GitHub REST API for one GitHub (or GitHub Enterprise Server) host.
 
     `session` belongs to the caller, who closes it. `clock` returns Unix time in
-    seconds; tests replace it to age installation tokens.
+    seconds; tests replace it to age installation tokens. `bot_login`, when set, is the
+    login KubeCI's comments appear under, which is otherwise looked up.
     """
 
     def __init__(
@@ -277,8 +322,10 @@ class GitHubClient:
         request_timeout_s: float = 30.0,
         token_refresh_margin_s: float = TOKEN_REFRESH_MARGIN_S,
         clock: Callable[[], float] = time.time,
+        bot_login: str = "",
     ) -> None:
         self._gh = _RecordingGitHubAPI(session, requester, base_url=api_url.rstrip("/"))
+        self._login = bot_login or None
         self._auth = auth
         self._request_timeout_s = request_timeout_s
         self._refresh_margin_s = token_refresh_margin_s
@@ -302,7 +349,12 @@ class GitHubClient:
                 "no GitHub credentials: set KUBECI_GITHUB_TOKEN, or KUBECI_GITHUB_APP_ID "
                 "with KUBECI_GITHUB_PRIVATE_KEY_FILE"
             )
-        return cls(session, auth=auth, api_url=settings.github_api_url)
+        return cls(
+            session,
+            auth=auth,
+            api_url=settings.github_api_url,
+            bot_login=settings.github_bot_login,
+        )
 
     def remember_installation(self, repo: str, installation_id: int) -> None:
         """Record the app installation of `repo`, as a webhook reports it, to skip a lookup."""
@@ -377,6 +429,26 @@ class GitHubClient:
             # The app was uninstalled or reinstalled: look the installation up again next time.
             self._installations.pop(repo.lower(), None)
             raise _not_installed(repo, exc) from exc
+
+    async def authenticated_login(self) -> str:
+        """Return the login that KubeCI's comments appear under, looked up once.
+
+        That is `bot_login` when set, else the token's user (`GET /user`), else for a
+        GitHub App `<app slug>[bot]` (`GET /app`). Raises ForgeError when the lookup fails.
+        """
+        if self._login is not None:
+            return self._login
+        if isinstance(self._auth, TokenAuth):
+            what = "lookup of the token's user"
+            user = await self._send(what, self._gh.getitem("/user", oauth_token=self._auth.token))
+            login = response_field(user, "login", str, forge=FORGE, what=what)
+        else:
+            what = "lookup of the GitHub App"
+            app = await self._send(what, self._gh.getitem("/app", jwt=self._app_jwt()))
+            login = response_field(app, "slug", str, forge=FORGE, what=what) + "[bot]"
+        log.info("KubeCI comments on GitHub as %s", login, extra={"forge": FORGE})
+        self._login = login
+        return login
 
     # Requests
 
@@ -461,22 +533,17 @@ class GitHubClient:
             return None
         if isinstance(data, list):
             raise ForgeClientError(f"GitHub {what}: the path is a directory", forge=FORGE)
-        kind = data.get("type") if isinstance(data, dict) else None
+        _require_object(data, what)
+        kind = data.get("type")
         if kind != "file":
             raise ForgeClientError(f"GitHub {what}: the path is a {kind}, not a file", forge=FORGE)
-        encoding = data.get("encoding")
-        if encoding == "none":
+        if data.get("encoding") == "none":
             blob_sha = response_field(data, "sha", str, forge=FORGE, what=what)
             data = await self._call(
                 repo, what, self._get(_repo_url(repo, "git", "blobs", blob_sha))
             )
-            encoding = data.get("encoding") if isinstance(data, dict) else None
-        if encoding != "base64":
-            raise ForgeResponseError(
-                f"GitHub {what}: unexpected encoding {encoding!r}", forge=FORGE
-            )
-        content = response_field(data, "content", str, forge=FORGE, what=what)
-        return base64.b64decode(content)
+            _require_object(data, what)
+        return _decode_content(data, what)
 
     async def get_pull_request(self, repo: str, number: int) -> PullRequest:
         what = f"read of pull request #{number} in {repo}"

@@ -195,6 +195,7 @@ class GitLabClient:
         self._call_timeout_s = call_timeout_s if call_timeout_s is not None else 4 * timeout_s
         self._clock = clock
         self._sent_states: OrderedDict[tuple[str, str, str], str] = OrderedDict()
+        self._username: str | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> GitLabClient:
@@ -223,7 +224,30 @@ class GitLabClient:
             headers = getattr(_last_response, "headers", {})
             raise error_for_exception(exc, what, headers, self._clock()) from exc
 
+    async def authenticated_username(self) -> str:
+        """Return the username of the token's user (`GET /user`), looked up once.
+
+        For a project or group access token, that is the bot user GitLab created for it.
+        Raises ForgeError when the lookup fails.
+        """
+        if self._username is not None:
+            return self._username
+        what = "lookup of the token's user"
+
+        def read() -> Any:
+            return self._gl.http_get("/user")
+
+        user = await self._run(what, read)
+        username = response_field(user, "username", str, forge=FORGE, what=what)
+        log.info("KubeCI comments on GitLab as %s", username, extra={"forge": FORGE})
+        self._username = username
+        return username
+
     def _project(self, project: ProjectRef) -> Any:
+        # python-gitlab percent-encodes the slashes of a path but not its dots, and
+        # requests resolves a "." or ".." segment against the URL before it.
+        if isinstance(project, str) and any(part in (".", "..") for part in project.split("/")):
+            raise ValueError(f"GitLab project path may not contain '.' or '..', got {project!r}")
         return self._gl.projects.get(project, lazy=True)
 
     def _mr(self, project: ProjectRef, iid: int) -> Any:

@@ -9,6 +9,9 @@ or `PayloadError` when the body is not what the forge documents (respond with 40
 from __future__ import annotations
 
 import json
+import math
+import re
+import sys
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,6 +23,22 @@ TriggerEvent = Literal["push", "tag", "pull_request"]
 
 # `before` of a ref-creating push and `after` of a ref-deleting push, on both forges.
 ZERO_SHA = "0" * 40
+# Maximum nesting of objects and arrays in a webhook body. Forge payloads nest a handful
+# of levels, and much deeper documents overflow the recursion that cleans and stores them.
+JSON_DEPTH_MAX = 100
+# A Git commit id: 40 hexadecimal characters (SHA-1) or 64 (SHA-256 repositories).
+_COMMIT_ID = re.compile(r"[0-9a-fA-F]{40}|[0-9a-fA-F]{64}")
+# A segment of a GitHub `owner/name` or a GitLab `group/subgroup/project` path. Both
+# forges allow ASCII letters, digits, '_', '-' and '.', and neither allows "." or "..".
+_REPOSITORY_SEGMENT = re.compile(r"[A-Za-z0-9_.-]+")
+# NOTE: GitLab documents no limit for a full project path, nor Git for a ref name. These
+# limits are KubeCI's: a run's superseding key (forge, repository, ref and job name) must
+# fit a Postgres btree index entry, at most 2704 bytes.
+REPOSITORY_MAX_CHARS = 512
+REF_MAX_BYTES = 1024
+# Maximum length of a delivery id header. The forges send UUIDs (36 characters), and the
+# limit keeps the value well inside what the unique index on deliveries can store.
+DELIVERY_ID_MAX_CHARS = 255
 
 
 class WebhookError(Exception):
@@ -220,6 +239,21 @@ class Fields:
         value: str = self._value(key, str, "a string")
         return value
 
+    def commit_id(self, key: str) -> str:
+        """Read a commit id; raise PayloadError unless it has 40 or 64 hex characters."""
+        value = self.text(key)
+        if not _COMMIT_ID.fullmatch(value):
+            shown = value if len(value) <= 80 else value[:80] + "…"
+            raise PayloadError(
+                self.where(key),
+                f"is {shown!r}; expected a commit id of 40 or 64 hexadecimal characters",
+            )
+        return value
+
+    def optional_commit_id(self, key: str) -> str | None:
+        """Read a commit id, or return None when the value is absent or null."""
+        return None if self.data.get(key) is None else self.commit_id(key)
+
     def optional_text(self, key: str) -> str | None:
         value: str | None = self._optional(key, str, "a string")
         return value
@@ -256,22 +290,137 @@ class Fields:
         return children
 
 
+def check_repository_name(
+    name: str, where: str, *, form: str, max_segments: int | None = None
+) -> str:
+    """Return `name` when it is a valid repository path; raise PayloadError otherwise.
+
+    A valid path has at least two segments and at most `max_segments`, such as GitHub's
+    `owner/name` or GitLab's `group/subgroup/project`. `form` names the expected shape
+    in the error. Each segment may contain only ASCII letters, digits, '_', '-' and '.',
+    and may not be "." or "..", so that no name changes the path of a forge API URL.
+    """
+    segments = name.split("/")
+    too_many = max_segments is not None and len(segments) > max_segments
+    if len(segments) < 2 or too_many:
+        raise PayloadError(where, f"is {name!r}; expected the form {form}")
+    if len(name) > REPOSITORY_MAX_CHARS:
+        raise PayloadError(where, f"is {len(name)} characters long; at most {REPOSITORY_MAX_CHARS}")
+    for segment in segments:
+        if segment in (".", "..") or not _REPOSITORY_SEGMENT.fullmatch(segment):
+            raise PayloadError(
+                where,
+                f"is {name!r}; each segment may contain only ASCII letters, digits, '_', '-'"
+                " and '.', and may not be '.' or '..'",
+            )
+    return name
+
+
+def check_ref(ref: str, where: str) -> str:
+    """Return `ref`; raise PayloadError when its UTF-8 form is over `REF_MAX_BYTES`."""
+    size_bytes = len(ref.encode("utf-8", "replace"))
+    if size_bytes > REF_MAX_BYTES:
+        raise PayloadError(
+            where, f"is {size_bytes} bytes long; KubeCI accepts refs of at most {REF_MAX_BYTES}"
+        )
+    return ref
+
+
 def normalise_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """Return the headers with lower-case names, as HTTP header names are case-blind."""
     return {name.lower(): value for name, value in headers.items()}
 
 
+def delivery_id_header(headers: Mapping[str, str], name: str) -> str:
+    """Return the stripped value of delivery id header `name` ("" when absent).
+
+    `headers` must have lower-case names. Raises PayloadError when the value is longer
+    than `DELIVERY_ID_MAX_CHARS`, because the header is not covered by the signature
+    and an id that long is no forge's.
+    """
+    value = headers.get(name.lower(), "").strip()
+    if len(value) > DELIVERY_ID_MAX_CHARS:
+        raise PayloadError(
+            f"header {name}",
+            f"is {len(value)} characters long; a delivery id may have at most "
+            f"{DELIVERY_ID_MAX_CHARS}",
+        )
+    return value
+
+
+class _UnreadableNumber(Exception):
+    """A JSON number that KubeCI cannot store. The message names the number and the reason."""
+
+
+def _reject_constant(name: str) -> float:
+    # Python's json module accepts NaN, Infinity and -Infinity, which JSON does not
+    # allow and Postgres jsonb rejects.
+    raise _UnreadableNumber(f"contains {name}, which is not a valid JSON number")
+
+
+def _parse_finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        shown = text if len(text) <= 40 else text[:40] + "…"
+        raise _UnreadableNumber(f"contains the number {shown}, which is out of range of a float")
+    return value
+
+
+def _parse_int(text: str) -> int:
+    # Python refuses to convert integers longer than sys.get_int_max_str_digits()
+    # (4300 by default, 0 for no limit) and raises a ValueError that names the setting.
+    limit = sys.get_int_max_str_digits()
+    digits = len(text.lstrip("-"))
+    if limit and digits > limit:
+        raise _UnreadableNumber(f"contains an integer of {digits} digits; at most {limit} fit")
+    return int(text)
+
+
+def _nesting_depth_exceeds(document: Any, max_depth: int) -> bool:
+    """Tell whether objects and arrays in `document` nest deeper than `max_depth` levels."""
+    pending = [(document, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if depth > max_depth:
+            return True
+        children = value.values() if isinstance(value, dict) else value
+        pending.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
 def decode_json_object(raw: bytes | str, where: str = "body") -> dict[str, Any]:
-    """Decode a JSON document whose top level must be an object."""
+    """Decode a JSON document whose top level must be an object.
+
+    Raises PayloadError when `raw` is not UTF-8 JSON, its top level is not an object, or
+    it nests deeper than `JSON_DEPTH_MAX`. Raises PayloadError too when it contains NaN,
+    Infinity, a number out of range of a float (such as 1e400) or an integer too long
+    for Python to convert.
+    """
     try:
-        document = json.loads(raw)
+        document = json.loads(
+            raw,
+            parse_constant=_reject_constant,
+            parse_float=_parse_finite_float,
+            parse_int=_parse_int,
+        )
     except UnicodeDecodeError as exc:
         raise PayloadError(where, f"is not UTF-8 text ({exc.reason})") from exc
     except json.JSONDecodeError as exc:
         raise PayloadError(where, f"is not valid JSON ({exc})") from exc
+    except _UnreadableNumber as exc:
+        raise PayloadError(where, str(exc)) from exc
+    except RecursionError as exc:
+        # The decoder recurses once per level of nesting.
+        raise PayloadError(where, _too_deep()) from exc
     if not isinstance(document, dict):
         raise PayloadError(where, f"must be a JSON object, got {_type_name(document)}")
+    if _nesting_depth_exceeds(document, JSON_DEPTH_MAX):
+        raise PayloadError(where, _too_deep())
     return document
+
+
+def _too_deep() -> str:
+    return f"nests objects and arrays deeper than {JSON_DEPTH_MAX} levels"
 
 
 def decode_body(body: bytes, content_type: str | None) -> dict[str, Any]:

@@ -19,9 +19,90 @@ from bot.intake.events import (
     PayloadError,
     SignatureError,
     Trigger,
+    check_ref,
+    check_repository_name,
     decode_body,
+    delivery_id_header,
     normalise_headers,
     ref_name,
+)
+
+# The X-GitHub-Event names GitHub documents. Metrics count other names as `other`, so
+# that a signed request cannot add labels without limit; add new events here.
+KNOWN_EVENTS = frozenset(
+    {
+        "branch_protection_configuration",
+        "branch_protection_rule",
+        "check_run",
+        "check_suite",
+        "code_scanning_alert",
+        "commit_comment",
+        "create",
+        "custom_property",
+        "custom_property_values",
+        "delete",
+        "dependabot_alert",
+        "deploy_key",
+        "deployment",
+        "deployment_protection_rule",
+        "deployment_review",
+        "deployment_status",
+        "discussion",
+        "discussion_comment",
+        "fork",
+        "github_app_authorization",
+        "gollum",
+        "installation",
+        "installation_repositories",
+        "installation_target",
+        "issue_comment",
+        "issues",
+        "label",
+        "marketplace_purchase",
+        "member",
+        "membership",
+        "merge_group",
+        "meta",
+        "milestone",
+        "org_block",
+        "organization",
+        "package",
+        "page_build",
+        "personal_access_token_request",
+        "ping",
+        "project",
+        "project_card",
+        "project_column",
+        "projects_v2",
+        "projects_v2_item",
+        "public",
+        "pull_request",
+        "pull_request_review",
+        "pull_request_review_comment",
+        "pull_request_review_thread",
+        "push",
+        "registry_package",
+        "release",
+        "repository",
+        "repository_advisory",
+        "repository_dispatch",
+        "repository_import",
+        "repository_ruleset",
+        "repository_vulnerability_alert",
+        "secret_scanning_alert",
+        "secret_scanning_alert_location",
+        "security_advisory",
+        "security_and_analysis",
+        "sponsorship",
+        "star",
+        "status",
+        "team",
+        "team_add",
+        "watch",
+        "workflow_dispatch",
+        "workflow_job",
+        "workflow_run",
+    }
 )
 
 _PR_START_WORDS = {
@@ -79,7 +160,8 @@ def parse_delivery(body: bytes, headers: Mapping[str, str], *, secret: str) -> D
     """Authenticate and decode one GitHub webhook request.
 
     Raises SignatureError before reading the body when authentication fails, and
-    PayloadError when the event header is missing or the body is not a JSON object.
+    PayloadError when the event header is missing, the delivery id header is too long,
+    or the body is not a JSON object.
     """
     lowered = normalise_headers(headers)
     verify_signature(body, lowered, secret)
@@ -87,7 +169,7 @@ def parse_delivery(body: bytes, headers: Mapping[str, str], *, secret: str) -> D
     if not event_name:
         raise PayloadError("header X-GitHub-Event", "is missing")
     payload = decode_body(body, lowered.get("content-type"))
-    delivery_id = lowered.get("x-github-delivery", "").strip()
+    delivery_id = delivery_id_header(lowered, "X-GitHub-Delivery")
     if not delivery_id:
         delivery_id = "sha256:" + hashlib.sha256(body).hexdigest()
     fields = Fields(payload)
@@ -99,7 +181,7 @@ def parse_delivery(body: bytes, headers: Mapping[str, str], *, secret: str) -> D
         delivery_id=delivery_id,
         event_name=event_name,
         action=fields.optional_text("action"),
-        repository=repository.optional_text("full_name") if repository else None,
+        repository=_optional_full_name(repository),
         payload=payload,
         hook_target=f"{target_type}:{target_id}" if target_type and target_id else None,
     )
@@ -137,8 +219,19 @@ def parse(
     return delivery, classify(delivery, bot_logins=bot_logins)
 
 
+def _full_name(repo: Fields) -> str:
+    name = repo.text("full_name")
+    return check_repository_name(name, repo.where("full_name"), form="owner/name", max_segments=2)
+
+
+def _optional_full_name(repo: Fields | None) -> str | None:
+    if repo is None or repo.optional_text("full_name") is None:
+        return None
+    return _full_name(repo)
+
+
 def _repository_name(fields: Fields) -> str:
-    return fields.child("repository").text("full_name")
+    return _full_name(fields.child("repository"))
 
 
 def _installation_id(fields: Fields) -> int | None:
@@ -149,16 +242,15 @@ def _installation_id(fields: Fields) -> int | None:
 def _classify_ping(fields: Fields) -> Intent:
     hook_id = fields.optional_integer("hook_id")
     zen = fields.optional_text("zen") or ""
-    repository = fields.optional_child("repository")
     return Intent(
         "ping",
         f"ping from hook {hook_id}: {zen}".rstrip(": "),
-        repository=repository.optional_text("full_name") if repository else None,
+        repository=_optional_full_name(fields.optional_child("repository")),
     )
 
 
 def _classify_push(fields: Fields) -> Intent:
-    ref = fields.text("ref")
+    ref = check_ref(fields.text("ref"), fields.where("ref"))
     after = fields.text("after")
     before = fields.optional_text("before")
     repository = _repository_name(fields)
@@ -177,7 +269,7 @@ def _classify_push(fields: Fields) -> Intent:
         forge="github",
         event="tag" if kind == "tag" else "push",
         repository=repository,
-        sha=after,
+        sha=fields.commit_id("after"),
         ref=ref,
         branch=name if kind == "branch" else None,
         tag=name if kind == "tag" else None,
@@ -216,7 +308,7 @@ def _pr_trigger(fields: Fields, pr: Fields, number: int) -> Trigger:
         forge="github",
         event="pull_request",
         repository=_repository_name(fields),
-        sha=head.text("sha"),
+        sha=head.commit_id("sha"),
         ref=f"refs/pull/{number}/head",
         pr_number=number,
         source_branch=head.text("ref"),
@@ -225,7 +317,7 @@ def _pr_trigger(fields: Fields, pr: Fields, number: int) -> Trigger:
         author=user.text("login"),
         author_id=user.optional_integer("id"),
         fork=fork,
-        head_repository=head_repo.text("full_name") if head_repo else None,
+        head_repository=_full_name(head_repo) if head_repo else None,
         draft=pr.flag("draft", default=False),
         installation_id=_installation_id(fields),
     )
@@ -302,8 +394,7 @@ def _classify_comment(fields: Fields, bot_logins: Collection[str]) -> Intent:
 
 def _ignore_with(reason: str) -> Callable[[Fields], Intent]:
     def classify_ignored(fields: Fields) -> Intent:
-        repository = fields.optional_child("repository")
-        name = repository.optional_text("full_name") if repository else None
+        name = _optional_full_name(fields.optional_child("repository"))
         action = fields.optional_text("action")
         return Intent("ignore", f"{reason} ({action})" if action else reason, name)
 

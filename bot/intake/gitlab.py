@@ -21,9 +21,54 @@ from bot.intake.events import (
     PayloadError,
     SignatureError,
     Trigger,
+    check_ref,
+    check_repository_name,
     decode_json_object,
+    delivery_id_header,
     normalise_headers,
     ref_name,
+)
+
+# The X-Gitlab-Event names GitLab documents, and the object_kind values that name the
+# event when the header is absent. Metrics count other names as `other`, so that an
+# authenticated request cannot add labels without limit; add new events here.
+KNOWN_EVENTS = frozenset(
+    {
+        "Push Hook",
+        "Tag Push Hook",
+        "Issue Hook",
+        "Confidential Issue Hook",
+        "Note Hook",
+        "Confidential Note Hook",
+        "Merge Request Hook",
+        "Wiki Page Hook",
+        "Pipeline Hook",
+        "Job Hook",
+        "Deployment Hook",
+        "Feature Flag Hook",
+        "Release Hook",
+        "Emoji Hook",
+        "Resource Access Token Hook",
+        "Member Hook",
+        "Subgroup Hook",
+        "Project Hook",
+        "Vulnerability Hook",
+        "System Hook",
+        "push",
+        "tag_push",
+        "issue",
+        "note",
+        "merge_request",
+        "wiki_page",
+        "pipeline",
+        "build",
+        "deployment",
+        "feature_flag",
+        "release",
+        "emoji",
+        "access_token",
+        "vulnerability",
+    }
 )
 
 MR_START_ACTIONS = frozenset({"open", "reopen"})
@@ -61,14 +106,15 @@ def delivery_id_from(headers: Mapping[str, str], body: bytes) -> str:
     """Pick the id that identifies a delivery across GitLab's retries.
 
     In order: `X-Gitlab-Event-UUID`; `X-Gitlab-Webhook-UUID` with `Idempotency-Key`;
-    else the SHA-256 of the body. `headers` must have lower-case names.
+    else the SHA-256 of the body. `headers` must have lower-case names. Raises
+    PayloadError when one of these headers is too long.
     """
-    event_uuid = headers.get("x-gitlab-event-uuid", "").strip()
+    event_uuid = delivery_id_header(headers, "X-Gitlab-Event-UUID")
     if event_uuid:
         return event_uuid
-    idempotency_key = headers.get("idempotency-key", "").strip()
+    idempotency_key = delivery_id_header(headers, "Idempotency-Key")
     if idempotency_key:
-        webhook_uuid = headers.get("x-gitlab-webhook-uuid", "").strip()
+        webhook_uuid = delivery_id_header(headers, "X-Gitlab-Webhook-UUID")
         return f"{webhook_uuid}:{idempotency_key}" if webhook_uuid else idempotency_key
     return "sha256:" + hashlib.sha256(body).hexdigest()
 
@@ -77,7 +123,8 @@ def parse_delivery(body: bytes, headers: Mapping[str, str], *, secret: str) -> D
     """Authenticate and decode one GitLab webhook request.
 
     Raises SignatureError before reading the body when authentication fails, and
-    PayloadError when the body is not a JSON object with an `object_kind`.
+    PayloadError when the body is not a JSON object, or when neither the
+    `X-Gitlab-Event` header nor the body's `object_kind` or `event_name` names the event.
     """
     lowered = normalise_headers(headers)
     verify_token(lowered, secret)
@@ -86,15 +133,24 @@ def parse_delivery(body: bytes, headers: Mapping[str, str], *, secret: str) -> D
         raise PayloadError("header Content-Type", f"is {media_type!r}; GitLab sends JSON")
     payload = decode_json_object(body)
     fields = Fields(payload)
-    object_kind = fields.text("object_kind")
+    # Member and subgroup hooks have no object_kind, only an event_name.
+    event_name = (
+        lowered.get("x-gitlab-event", "").strip()
+        or fields.optional_text("object_kind")
+        or fields.optional_text("event_name")
+    )
+    if not event_name:
+        raise PayloadError(
+            "header X-Gitlab-Event", "is missing, and the body has no object_kind or event_name"
+        )
     attributes = fields.optional_child("object_attributes")
     project = fields.optional_child("project")
     return Delivery(
         forge="gitlab",
         delivery_id=delivery_id_from(lowered, body),
-        event_name=lowered.get("x-gitlab-event", "").strip() or object_kind,
+        event_name=event_name,
         action=attributes.optional_text("action") if attributes else None,
-        repository=project.optional_text("path_with_namespace") if project else None,
+        repository=_optional_path(project),
         payload=payload,
         hook_target=lowered.get("x-gitlab-instance"),
     )
@@ -104,12 +160,18 @@ def classify(delivery: Delivery, *, bot_logins: Collection[str] = ()) -> Intent:
     """Classify a GitLab delivery into the Intent the service acts on.
 
     The body's `object_kind` decides, because system hooks send `X-Gitlab-Event:
-    System Hook` for every kind. `bot_logins` are usernames whose comments count as a
-    bot's, besides the users of project and group access tokens. Raises PayloadError
-    naming the first missing or mistyped field.
+    System Hook` for every kind. A body without `object_kind` (member and subgroup
+    hooks) is ignored. `bot_logins` are usernames whose comments count as a bot's,
+    besides the users of project and group access tokens. Raises PayloadError naming
+    the first missing or mistyped field.
     """
     fields = Fields(delivery.payload)
-    object_kind = fields.text("object_kind")
+    object_kind = fields.optional_text("object_kind")
+    if object_kind is None:
+        event_name = fields.optional_text("event_name")
+        detail = f" ({event_name})" if event_name else ""
+        reason = f"unsupported event {delivery.event_name}{detail}"
+        return Intent("ignore", reason, repository=delivery.repository)
     if object_kind in ("push", "tag_push"):
         return _classify_push(fields)
     if object_kind == "merge_request":
@@ -131,16 +193,28 @@ def parse(
     return delivery, classify(delivery, bot_logins=bot_logins)
 
 
+def _path(project: Fields) -> str:
+    path = project.text("path_with_namespace")
+    where = project.where("path_with_namespace")
+    return check_repository_name(path, where, form="namespace/project")
+
+
+def _optional_path(project: Fields | None) -> str | None:
+    if project is None or project.optional_text("path_with_namespace") is None:
+        return None
+    return _path(project)
+
+
 def _project(fields: Fields) -> tuple[str, int]:
     project = fields.child("project")
     project_id = fields.optional_integer("project_id")
     if project_id is None:
         project_id = project.integer("id")
-    return project.text("path_with_namespace"), project_id
+    return _path(project), project_id
 
 
 def _classify_push(fields: Fields) -> Intent:
-    ref = fields.text("ref")
+    ref = check_ref(fields.text("ref"), fields.where("ref"))
     after = fields.text("after")
     before = fields.optional_text("before")
     repository, project_id = _project(fields)
@@ -152,7 +226,7 @@ def _classify_push(fields: Fields) -> Intent:
 
     # checkout_sha is the commit the ref now points at, also for pushes that list no
     # commits (a new branch without new commits, a tag).
-    sha = fields.optional_text("checkout_sha") or after
+    sha = fields.commit_id("checkout_sha" if fields.optional_text("checkout_sha") else "after")
     author = fields.optional_text("user_username") or fields.optional_text("user_name")
     trigger = Trigger(
         forge="gitlab",
@@ -199,7 +273,7 @@ def _mr_trigger(fields: Fields, attributes: Fields, iid: int) -> Trigger:
         forge="gitlab",
         event="pull_request",
         repository=repository,
-        sha=attributes.child("last_commit").text("id"),
+        sha=attributes.child("last_commit").commit_id("id"),
         ref=f"refs/merge-requests/{iid}/head",
         pr_number=iid,
         source_branch=attributes.text("source_branch"),
@@ -208,7 +282,7 @@ def _mr_trigger(fields: Fields, attributes: Fields, iid: int) -> Trigger:
         author=(user.optional_text("username") if user else None) or "",
         author_id=attributes.optional_integer("author_id"),
         fork=source_project_id != attributes.integer("target_project_id"),
-        head_repository=source.optional_text("path_with_namespace") if source else None,
+        head_repository=_optional_path(source),
         head_project_id=source_project_id,
         draft=attributes.flag("draft", default=attributes.flag("work_in_progress", False)),
         before_sha=attributes.optional_text("oldrev"),
@@ -291,7 +365,7 @@ def _classify_note(fields: Fields, bot_logins: Collection[str]) -> Intent:
         author_id=user.optional_integer("id"),
         author_is_bot=_is_bot(username, bot_logins),
         body=attributes.optional_text("note") or "",
-        head_sha=last_commit.optional_text("id") if last_commit else None,
+        head_sha=last_commit.optional_commit_id("id") if last_commit else None,
         project_id=project_id,
     )
     reason = f"comment {comment.comment_id} by {username} on merge request !{iid}"

@@ -74,6 +74,7 @@ _DELIVERY_HEADERS: Final = {
     "gitlab": ("x-gitlab-event-uuid", "idempotency-key"),
 }
 _EVENT_HEADERS: Final = {"github": "x-github-event", "gitlab": "x-gitlab-event"}
+_KNOWN_EVENTS: Final = {"github": github.KNOWN_EVENTS, "gitlab": gitlab.KNOWN_EVENTS}
 _DATABASE_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 
 
@@ -204,6 +205,55 @@ def _forge_failure_message(what: str, exc: Exception, budget_s: float) -> str:
             "the repository's contents, then redeliver the webhook"
         )
     return f"{what} failed: {exc}. Redeliver the webhook once the forge responds again"
+
+
+def configuration_warnings(settings: Settings) -> list[str]:
+    """Return a warning for each forge whose webhook settings cannot work as set.
+
+    A forge whose webhook secret is set without credentials gets 503 for every delivery
+    that needs the forge API, and one with credentials but no secret gets 401 for every
+    delivery. A forge with neither is not used, and gets no warning.
+    """
+    return [*_github_warnings(settings), *_gitlab_warnings(settings)]
+
+
+def _github_warnings(settings: Settings) -> list[str]:
+    warnings = []
+    credentials = bool(settings.github_token or settings.github_app_id)
+    if settings.github_webhook_secret and not credentials:
+        warnings.append(
+            "KUBECI_GITHUB_WEBHOOK_SECRET is set but no GitHub credentials are: GitHub "
+            "pushes and pull requests get 503 until KUBECI_GITHUB_TOKEN, or "
+            "KUBECI_GITHUB_APP_ID with KUBECI_GITHUB_PRIVATE_KEY_FILE, is set"
+        )
+    if credentials and not settings.github_webhook_secret:
+        warnings.append(_secret_warning("KUBECI_GITHUB_WEBHOOK_SECRET", "GitHub"))
+    if settings.github_app_id and not settings.github_private_key_file:
+        warnings.append(
+            "KUBECI_GITHUB_APP_ID is set but KUBECI_GITHUB_PRIVATE_KEY_FILE is not: every "
+            "GitHub API call fails until it names the app's PEM private key"
+        )
+    if settings.github_app_id and settings.github_token:
+        warnings.append(
+            "both KUBECI_GITHUB_APP_ID and KUBECI_GITHUB_TOKEN are set: KubeCI uses the "
+            "GitHub App and ignores the token"
+        )
+    return warnings
+
+
+def _gitlab_warnings(settings: Settings) -> list[str]:
+    if settings.gitlab_webhook_secret and not settings.gitlab_token:
+        return [
+            "KUBECI_GITLAB_WEBHOOK_SECRET is set but KUBECI_GITLAB_TOKEN is not: GitLab "
+            "pushes and merge requests get 503 until it is set"
+        ]
+    if settings.gitlab_token and not settings.gitlab_webhook_secret:
+        return [_secret_warning("KUBECI_GITLAB_WEBHOOK_SECRET", "GitLab")]
+    return []
+
+
+def _secret_warning(variable: str, forge: str) -> str:
+    return f"{variable} is not set: every {forge} webhook is rejected with 401 until it is"
 
 
 class Intake:
@@ -629,11 +679,14 @@ class Intake:
         return IntakeResult(status, body)
 
     def _count(self, forge: str, result: IntakeResult, headers: Mapping[str, str]) -> None:
-        # Only authenticated requests may name the event, so that unauthenticated ones
-        # cannot grow the metric's label set.
-        event = _clean_text(str(result.body.get("event") or "unknown"))
-        if result.status in (401, 404, 413):
+        # Only authenticated requests may name the event, and only with a name the forge
+        # documents, because the event header is not signed and every new label value
+        # is a new time series.
+        event = str(result.body.get("event") or "")
+        if result.status in (401, 404, 413) or not event:
             event = "unknown"
+        elif event not in _KNOWN_EVENTS.get(forge, frozenset()):
+            event = "other"
         forge_label = forge if forge in _SECRET_VARIABLES else "unknown"
         self.metrics.deliveries.labels(forge_label, event, result.outcome).inc()
 

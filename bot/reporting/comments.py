@@ -14,8 +14,13 @@ class CommentThread(Protocol):
         """Return the id of the oldest comment that starts with `marker`, or None.
 
         With `anywhere`, the marker may sit anywhere in the body. With `author`, only
-        that user's comments count. GitLab system notes never count.
+        that user's comments count (logins compared case-insensitively). GitLab system
+        notes never count.
         """
+        ...
+
+    async def own_login(self) -> str:
+        """Return the login that comments posted through this thread appear under."""
         ...
 
     async def create(self, body: str) -> int:
@@ -29,7 +34,7 @@ def _first_marked(
     comments: list[Comment], marker: str, author: str | None, anywhere: bool
 ) -> int | None:
     for comment in comments:
-        if author is not None and comment.author != author:
+        if author is not None and comment.author.lower() != author.lower():
             continue
         marked = marker in comment.body if anywhere else comment.body.startswith(marker)
         if marked:
@@ -46,6 +51,9 @@ class GitHubThread:
     async def find(self, marker: str, author: str | None, *, anywhere: bool = False) -> int | None:
         comments = await self._client.list_comments(self._repository, self._number)
         return _first_marked(comments, marker, author, anywhere)
+
+    async def own_login(self) -> str:
+        return await self._client.authenticated_login()
 
     async def create(self, body: str) -> int:
         return (await self._client.create_comment(self._repository, self._number, body)).id
@@ -64,6 +72,9 @@ class GitLabThread:
         notes = await self._client.list_notes(self._project, self._iid)
         user_notes = [note for note in notes if not note.author_is_bot]
         return _first_marked(user_notes, marker, author, anywhere)
+
+    async def own_login(self) -> str:
+        return await self._client.authenticated_username()
 
     async def create(self, body: str) -> int:
         return (await self._client.create_note(self._project, self._iid, body)).id

@@ -201,6 +201,8 @@ class SummarySink(_ForgeSink):
 
     The body is rendered from the database at send time. When it matches what the
     comment last received, nothing is sent, so a burst of refreshes costs one edit.
+    Only a comment that KubeCI's own account wrote is adopted as the summary, so a
+    user's comment that quotes the marker is never overwritten.
     """
 
     def __init__(self, pool: asyncpg.Pool, forges: ForgeClients, settings: Settings) -> None:
@@ -221,7 +223,9 @@ class SummarySink(_ForgeSink):
         if state is not None and state.payload_hash == body_hash:
             return SinkOutcome.skipped("the comment already shows this state")
         thread = self._thread(target, pr_number)
-        comment_id = _remote_comment_id(state) or await thread.find(MARKER, self._author(target))
+        comment_id = _remote_comment_id(state) or await thread.find(
+            MARKER, await thread.own_login()
+        )
         if comment_id is not None:
             try:
                 await thread.edit(comment_id, body)
@@ -241,12 +245,6 @@ class SummarySink(_ForgeSink):
             f"created comment {created}", remote_id=str(created), payload_hash=body_hash
         )
 
-    def _author(self, target: Target) -> str | None:
-        """Return the login KubeCI comments as, when configured, to ignore copied markers."""
-        if target.forge == "github" and self._settings.github_bot_login:
-            return self._settings.github_bot_login
-        return None
-
 
 def _remote_comment_id(state: SinkState | None) -> int | None:
     if state is None or state.remote_id is None or not state.remote_id.isdigit():
@@ -257,8 +255,8 @@ def _remote_comment_id(state: SinkState | None) -> int | None:
 class ReplySink(_ForgeSink):
     """Posts a new comment for chat-ops (`*.reply`).
 
-    The body ends with a hidden marker. A retry first looks for it, so a reply whose
-    response was lost is not posted twice.
+    The body ends with a hidden marker. A retry first looks for it among KubeCI's own
+    comments, so a reply whose response was lost is not posted twice.
     """
 
     async def _send(self, row: OutboxRow, state: SinkState | None) -> SinkOutcome:
@@ -268,7 +266,7 @@ class ReplySink(_ForgeSink):
         body = f"{read(row.payload, 'body', str)}\n\n{marker}"
         thread = self._thread(target, pr_number)
         if row.attempts > 1:
-            found = await thread.find(marker, None, anywhere=True)
+            found = await thread.find(marker, await thread.own_login(), anywhere=True)
             if found is not None:
                 return SinkOutcome.sent(f"reply {found} was already posted", remote_id=str(found))
         created = await thread.create(body)

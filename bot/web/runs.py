@@ -1,8 +1,9 @@
 """`GET /runs/{id}`: the run page that commit statuses link to.
 
 The page is rendered on the server from the database: the trigger, every job, step and
-task with its state and duration, each attempt's message, and the stored logs.
-`GET /runs/{id}.json` returns the same data as JSON.
+task with its state and duration, each attempt's message, and the end of its log.
+`GET /runs/{id}.json` returns the same data as JSON. Each attempt's `log` contains at most
+the last `MAX_PAGE_LOG_CHARS` characters, and `log_total_chars` is the full length.
 """
 
 from __future__ import annotations
@@ -20,6 +21,25 @@ log = logging.getLogger(__name__)
 
 # Log text shown per attempt on the page; the rest is cut with a marker.
 MAX_PAGE_LOG_CHARS = 200_000
+
+# The fewest newest log rows of each attempt that contain at least `$2` characters (all
+# rows of a shorter log), in the order they were written, with the attempt's total log
+# length. Only these rows leave the database, however long the log is.
+_LOG_TAIL_QUERY = """
+SELECT attempt_id, content, total_chars FROM (
+    SELECT l.id, l.attempt_id, l.content,
+           sum(char_length(l.content)) OVER (
+               PARTITION BY l.attempt_id ORDER BY l.id DESC
+           ) AS chars_from_end,
+           sum(char_length(l.content)) OVER (PARTITION BY l.attempt_id) AS total_chars
+    FROM logs l
+    JOIN attempts a ON a.id = l.attempt_id
+    JOIN tasks t ON t.id = a.task_id
+    WHERE t.run_id = $1
+) newest
+WHERE chars_from_end - char_length(content) < $2
+ORDER BY id
+"""
 
 STATE_COLOURS = {
     "succeeded": "#1a7f37",
@@ -55,7 +75,7 @@ def _state(state: str) -> str:
 
 
 async def load_run(pool: asyncpg.Pool, run_id: int) -> dict[str, Any] | None:
-    """Return the run with its jobs, steps, tasks, attempts and logs, or None."""
+    """Return the run with its jobs, steps, tasks, attempts and log tails, or None."""
     async with pool.acquire() as conn:
         run = await conn.fetchrow("SELECT * FROM runs WHERE id = $1", run_id)
         if run is None:
@@ -72,13 +92,21 @@ async def load_run(pool: asyncpg.Pool, run_id: int) -> dict[str, Any] | None:
             " ORDER BY a.number",
             run_id,
         )
-        logs = await conn.fetch(
-            "SELECT l.attempt_id, l.source, l.content FROM logs l"
-            " JOIN attempts a ON a.id = l.attempt_id JOIN tasks t ON t.id = a.task_id"
-            " WHERE t.run_id = $1 ORDER BY l.id",
-            run_id,
-        )
+        logs = await conn.fetch(_LOG_TAIL_QUERY, run_id, MAX_PAGE_LOG_CHARS)
     return _assemble(run, jobs, steps, tasks, attempts, logs)
+
+
+def _log_tails(logs: list[asyncpg.Record]) -> dict[int, tuple[str, int]]:
+    """Map each attempt id to the last characters of its log and the log's full length."""
+    parts: dict[int, list[str]] = {}
+    totals: dict[int, int] = {}
+    for row in logs:
+        parts.setdefault(row["attempt_id"], []).append(row["content"])
+        totals[row["attempt_id"]] = int(row["total_chars"])
+    return {
+        attempt_id: ("".join(texts)[-MAX_PAGE_LOG_CHARS:], totals[attempt_id])
+        for attempt_id, texts in parts.items()
+    }
 
 
 def _assemble(
@@ -89,12 +117,11 @@ def _assemble(
     attempts: list[asyncpg.Record],
     logs: list[asyncpg.Record],
 ) -> dict[str, Any]:
-    log_text: dict[int, str] = {}
-    for row in logs:
-        log_text[row["attempt_id"]] = log_text.get(row["attempt_id"], "") + row["content"]
+    log_tails = _log_tails(logs)
     attempts_by_task: dict[int, list[dict[str, Any]]] = {}
     for row in attempts:
-        item = {**_public(row), "log": log_text.get(row["id"], "")}
+        text, total_chars = log_tails.get(row["id"], ("", 0))
+        item = {**_public(row), "log": text, "log_total_chars": total_chars}
         attempts_by_task.setdefault(row["task_id"], []).append(item)
     tasks_by_step: dict[int, list[dict[str, Any]]] = {}
     for row in tasks:
@@ -182,8 +209,7 @@ def _task_table(tasks: list[dict[str, Any]]) -> str:
 
 def _attempt_block(attempt: dict[str, Any]) -> str:
     text = attempt["log"]
-    if len(text) > MAX_PAGE_LOG_CHARS:
-        text = text[-MAX_PAGE_LOG_CHARS:]
+    if attempt["log_total_chars"] > len(text):
         text = f"[showing the last {MAX_PAGE_LOG_CHARS} characters]\n" + text
     head = (
         f"<div>#{attempt['number']} {_state(attempt['state'])}"

@@ -5,7 +5,11 @@ what the client sent from `requests`, `statuses`, `comments`, `check_runs`,
 `reactions` and `labels`. Route names for `script()`: contents.get, blobs.get,
 pulls.get, statuses.create, comments.list, comments.create, comments.edit,
 reactions.create, check_runs.create, check_runs.update, permission.get, labels.add,
-labels.remove, installation.get, installation_tokens.create.
+labels.remove, installation.get, installation_tokens.create, user.get, app.get.
+
+Comments created through the fake are authored by `bot_user`, which `GET /user` returns
+for a personal token. An app's comments appear as `<app_slug>[bot]`, so the default
+`app_slug` matches `bot_user`.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ class FakeGitHub(FakeServer):
         self.personal_tokens = set(personal_tokens)
         self.app_id: str | None = None
         self.app_public_key: str | None = None
+        self.app_slug = "kubeci"
         self.installations: dict[int, set[str]] = {}
         self.issued_tokens: dict[str, IssuedToken] = {}
         self.token_ttl_s = 3600.0
@@ -268,6 +273,8 @@ class FakeGitHub(FakeServer):
                 "labels.remove",
             ),
             ("GET", f"{repo}/installation", self.get_installation, "installation.get"),
+            ("GET", "/user", self.get_user, "user.get"),
+            ("GET", "/app", self.get_app, "app.get"),
             (
                 "POST",
                 "/app/installations/{id:\\d+}/access_tokens",
@@ -478,6 +485,20 @@ class FakeGitHub(FakeServer):
             if self._repo(request) in repos:
                 return web.json_response({"id": installation_id, "app_id": self.app_id})
         return error(404, "Not Found")
+
+    async def get_user(self, request: web.Request) -> web.Response:
+        _, credential = self._bearer(request)
+        if credential in self.personal_tokens:
+            return web.json_response(dict(self.bot_user))
+        issued = self.issued_tokens.get(credential)
+        if issued is None or issued.revoked or issued.expires_at_s <= time.time():
+            return error(401, "Bad credentials")
+        return error(403, "Resource not accessible by integration")
+
+    async def get_app(self, request: web.Request) -> web.Response:
+        self._verify_jwt(request)
+        body = {"id": int(self.app_id or 0), "slug": self.app_slug, "name": "KubeCI"}
+        return web.json_response(body)
 
     async def create_installation_token(self, request: web.Request) -> web.Response:
         self._verify_jwt(request)
