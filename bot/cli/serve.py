@@ -8,26 +8,15 @@ import signal
 
 from bot.app import build_services, close_services, create_app, open_database, serving
 from bot.config import Settings
+from bot.intake.service import configuration_warnings
 
 log = logging.getLogger(__name__)
 
 
-def warn_about_webhook_secrets(settings: Settings) -> None:
-    """Log which forges' webhooks will all be rejected because no secret is set."""
-    secrets = {
-        "GitHub": ("KUBECI_GITHUB_WEBHOOK_SECRET", settings.github_webhook_secret),
-        "GitLab": ("KUBECI_GITLAB_WEBHOOK_SECRET", settings.gitlab_webhook_secret),
-    }
-    for forge, (variable, value) in secrets.items():
-        if not value:
-            log.warning(
-                "%s is not set: every %s webhook is rejected with 401 until it is", variable, forge
-            )
-
-
 async def serve(settings: Settings) -> int:
     """Serve until SIGTERM or SIGINT, then finish or hand back running attempts."""
-    warn_about_webhook_secrets(settings)
+    for warning in configuration_warnings(settings):
+        log.warning("%s", warning)
     services = await build_services(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
