@@ -747,14 +747,73 @@ async def test_removed_label_revokes_approval(
     assert response["outcome"] == "awaiting_approval"
 
 
+async def test_ok_to_test_stores_approval(
+    core: Harness, fake_github: FakeGitHub, fake_target: FakeTarget
+) -> None:
+    await open_pr(core, fake_github, pipeline(fake_target), author="mallory", fork=True)
+    await comment(core, "/ok-to-test", comment_id=6004)
+    row = await core.pool.fetchrow("SELECT * FROM approvals")
+    assert row is not None
+    assert (row["forge"], row["repository"], row["pr_number"]) == ("github", REPO, 7)
+    assert row["approved_by"] == WRITER
+    assert row["comment_id"] == 6004
+
+
+async def test_triager_labelled_fork_pr_waits(
+    core: Harness, fake_github: FakeGitHub, fake_target: FakeTarget
+) -> None:
+    # GitHub's triage role may add labels but has no write access.
+    response = await open_pr(
+        core, fake_github, pipeline(fake_target), author=TRIAGER, fork=True, labels=("ok-to-test",)
+    )
+    assert response["outcome"] == "awaiting_approval"
+    assert "label alone approves nothing" in response["reason"]
+    assert await run_count(core) == 0
+
+
+async def test_unlabel_deletes_approval(
+    core: Harness, fake_github: FakeGitHub, fake_target: FakeTarget
+) -> None:
+    text = pipeline(fake_target)
+    await open_pr(core, fake_github, text, author="mallory", fork=True, sha=SHA_1)
+    await comment(core, "/ok-to-test")
+    unlabeled = p.github_pull_request(
+        "unlabeled", label="ok-to-test", number=7, head_sha=SHA_1, author="mallory"
+    )
+    response = await github_event(core, unlabeled, "pull_request")
+    assert "approval is revoked" in response["reason"]
+    assert await core.pool.fetchval("SELECT count(*) FROM approvals") == 0
+    # Someone without write access adds the label again: the next push still waits.
+    relabelled = await open_pr(
+        core,
+        fake_github,
+        text,
+        action="synchronize",
+        author="mallory",
+        fork=True,
+        sha=SHA_2,
+        labels=("ok-to-test",),
+    )
+    assert relabelled["outcome"] == "awaiting_approval"
+
+
+async def test_unlabel_of_other_label_keeps_approval(
+    core: Harness, fake_github: FakeGitHub, fake_target: FakeTarget
+) -> None:
+    await open_pr(core, fake_github, pipeline(fake_target), author="mallory", fork=True)
+    await comment(core, "/ok-to-test")
+    unlabeled = p.github_pull_request("unlabeled", label="needs-review", number=7)
+    response = await github_event(core, unlabeled, "pull_request")
+    assert response["outcome"] == "ignored"
+    assert await core.pool.fetchval("SELECT count(*) FROM approvals") == 1
+
+
 async def test_untrusted_run_gets_no_secrets(
     core: Harness, fake_github: FakeGitHub, fake_target: FakeTarget
 ) -> None:
     text = secret_pipeline(fake_target)
-    response = await open_pr(
-        core, fake_github, text, author="mallory", fork=True, labels=("ok-to-test",)
-    )
-    (run_id,) = run_ids(response)
+    await open_pr(core, fake_github, text, author="mallory", fork=True)
+    (run_id,) = run_ids(await comment(core, "/ok-to-test"))
     assert await core.wait_run(run_id) == "failed"
     task = await core.state("tasks", run_id, "push")
     assert "secrets.DEPLOY_TOKEN" in task["message"]
@@ -987,6 +1046,25 @@ async def test_gitlab_fork_mr_waits_then_ok_to_test(
     await core.wait_outbox()
     assert fake_gitlab.merge_requests[(PROJECT_ID, 3)]["labels"] == ["ok-to-test"]
     assert (await run_row(core, run_id))["trusted"] is False
+
+
+async def test_gitlab_unlabel_deletes_approval(
+    core: Harness, fake_gitlab: FakeGitLab, fake_target: FakeTarget
+) -> None:
+    serve_mr(fake_gitlab, pipeline(fake_target), author_id=55, fork=True)
+    await note(core, fake_gitlab, "/ok-to-test", user_id=GL_WRITER_ID, username="alice")
+    assert await core.pool.fetchval("SELECT count(*) FROM approvals") == 1
+    updated = p.gitlab_merge_request(
+        "update",
+        iid=3,
+        source_project_id=FORK_PROJECT_ID,
+        source_path="mallory/widgets",
+        labels=(),
+        previous_labels=("ok-to-test",),
+    )
+    response = await gitlab_event(core, updated)
+    assert "approval is revoked" in response["reason"]
+    assert await core.pool.fetchval("SELECT count(*) FROM approvals") == 0
 
 
 async def test_gitlab_bot_note_does_nothing(

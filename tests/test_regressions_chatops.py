@@ -128,7 +128,6 @@ async def test_gitlab_service_account_note_does_nothing(
 # ---- trust -----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="a label added by a non-writer approves a fork MR")
 async def test_reporter_labelled_fork_mr_waits(
     core: Harness, fake_gitlab: FakeGitLab, fake_target: FakeTarget
 ) -> None:

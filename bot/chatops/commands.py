@@ -28,6 +28,7 @@ import asyncpg
 
 from bot.chatops import replies
 from bot.chatops.access import AccessChecker, ForgeUser
+from bot.chatops.approvals import record_approval
 from bot.chatops.outbox import enqueue_label
 from bot.chatops.parse import Command, parse_commands
 from bot.chatops.pipelines import LoadedPipeline, PipelineLoader, start_run
@@ -314,6 +315,14 @@ class ChatOps:
         assert plan.pr is not None
         assert plan.trigger is not None
         comment = plan.comment
+        await record_approval(
+            conn,
+            forge=comment.forge,
+            repository=comment.repository,
+            pr_number=comment.pr_number,
+            approved_by=comment.author,
+            comment_id=comment.comment_id,
+        )
         if replies.OK_TO_TEST_LABEL not in plan.pr.labels:
             await enqueue_label(
                 conn,
