@@ -4,6 +4,7 @@ the pipelines' tasks call."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -546,6 +547,45 @@ async def test_forge_failure_gets_one_reply(
     (reply,) = chatops_replies(fake_github)
     assert "could not act on this comment" in reply
     assert "Comment again" in reply
+
+
+async def send_twice(core: Harness, payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """Send one comment as a repository hook and an organisation hook would: at once,
+    each delivery with its own id."""
+    requests = [
+        p.github_request(payload, "issue_comment", secret=GITHUB_SECRET, delivery=str(uuid.uuid4()))
+        for _ in range(2)
+    ]
+    return list(await asyncio.gather(*(post(core, "github", *request) for request in requests)))
+
+
+async def test_comment_twice_at_once_acts_once(
+    core: Harness, fake_github: FakeGitHub, fake_target: FakeTarget
+) -> None:
+    serve_pr(fake_github, pipeline(fake_target))
+    payload = p.github_issue_comment(body="/test all\n/nope", author=WRITER, comment_id=8802)
+    responses = await send_twice(core, payload)
+    await core.wait_outbox()
+    outcomes = sorted(response["chatops"]["outcome"] for response in responses)
+    assert outcomes == ["acted", "duplicate"]
+    assert await run_count(core) == 1
+    assert len(chatops_replies(fake_github)) == 1
+    assert len(fake_github.reactions) == 1
+
+
+async def test_forge_failure_claims_comment(
+    core: Harness, fake_github: FakeGitHub, fake_target: FakeTarget
+) -> None:
+    # The failure reply asks for a new comment, so a second webhook of this one is silent.
+    serve_pr(fake_github, pipeline(fake_target))
+    fake_github.script("pulls.get", Scripted(502))
+    first = await comment(core, "/retest", comment_id=8803)
+    second = await comment(core, "/retest", comment_id=8803)
+    await core.wait_outbox()
+    assert first["chatops"]["outcome"] == "forge_unavailable"
+    assert second["chatops"]["outcome"] == "duplicate"
+    assert await run_count(core) == 0
+    assert len(chatops_replies(fake_github)) == 1
 
 
 async def test_comment_run_superseded_by_push(

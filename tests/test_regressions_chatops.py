@@ -90,7 +90,6 @@ async def test_long_reply_keeps_marker(
     assert "<!-- kubeci:reply:" in reply
 
 
-@pytest.mark.xfail(strict=True, reason="one comment sent by two webhooks is acted on twice")
 async def test_comment_from_two_webhooks_acts_once(
     core: Harness, fake_github: FakeGitHub, fake_target: FakeTarget
 ) -> None:

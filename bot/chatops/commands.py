@@ -6,8 +6,10 @@ once the comment's delivery is stored. It works in two phases:
 1. Forge reads, outside any transaction: the commenter's write access (one lookup),
    the pull request (head commit, labels, fork), the pipeline file at the head commit,
    and the pull request author's access when a run is started.
-2. One transaction: cancel runs, create the run, and enqueue every forge write (label,
-   statuses, reaction, reply) in the outbox, so they are sent once the commit holds.
+2. One transaction: claim the comment (`bot.chatops.claims`), cancel runs, create the
+   run, and enqueue every forge write (label, statuses, reaction, reply) in the outbox,
+   so they are sent once the commit holds. A comment that another webhook's delivery
+   claimed first is not acted on again.
 
 All commands of a comment run. The jobs that `/retest`, `/test` and `/ok-to-test` ask
 for go into one run, and `/cancel` acts before that run starts, so it never cancels
@@ -29,6 +31,7 @@ import asyncpg
 from bot.chatops import replies
 from bot.chatops.access import AccessChecker, ForgeUser
 from bot.chatops.approvals import record_approval
+from bot.chatops.claims import claim_comment, is_claimed
 from bot.chatops.outbox import enqueue_label
 from bot.chatops.parse import Command, parse_commands
 from bot.chatops.pipelines import LoadedPipeline, PipelineLoader, start_run
@@ -86,6 +89,8 @@ class Outcome:
     run_ids: list[int] = field(default_factory=list)
     cancelled_run_ids: list[int] = field(default_factory=list)
     acted: bool = False
+    # Another delivery of the same comment acted on it first, so this one did nothing.
+    duplicate: bool = False
 
 
 class ChatOps:
@@ -120,11 +125,17 @@ class ChatOps:
         commands = parse_commands(comment.body)
         if not commands:
             return {"chatops": {"outcome": "no_commands"}}
+        # The fast check spares the forge reads; the claim in `_apply` decides for good.
+        async with self.pool.acquire() as conn:
+            if await is_claimed(conn, comment):
+                return self._duplicate(comment)
         try:
             plan = await self._plan_within_budget(comment, commands)
         except (ForgeError, ConfigError) as exc:
-            return await self._report_forge_failure(comment, exc)
+            return await self._report_forge_failure(comment, exc, delivery_pk)
         outcome = await self._apply_retrying_deadlocks(plan, delivery_pk)
+        if outcome.duplicate:
+            return self._duplicate(comment)
         log.info(
             "comment %d: %s accepted, %d refused, %d unknown; runs %s, cancelled %s",
             comment.comment_id,
@@ -136,6 +147,11 @@ class ChatOps:
             extra=ids,
         )
         return self._response(plan, outcome)
+
+    def _duplicate(self, comment: NewComment) -> dict[str, Any]:
+        reason = f"comment {comment.comment_id} was acted on already, from another webhook"
+        log.info("%s", reason, extra=_log_ids(comment))
+        return {"chatops": {"outcome": "duplicate", "reason": reason}}
 
     def _skip_reason(self, comment: NewComment) -> str | None:
         if comment.author_is_bot:
@@ -180,14 +196,21 @@ class ChatOps:
         return plan
 
     async def _report_forge_failure(
-        self, comment: NewComment, exc: ForgeError | ConfigError
+        self, comment: NewComment, exc: ForgeError | ConfigError, delivery_pk: int
     ) -> dict[str, Any]:
+        """Reply that the comment was not acted on, and claim it.
+
+        The reply asks for a new comment, so the comment is claimed as if handled: a
+        second webhook of the same comment neither acts nor replies again.
+        """
         log.error("comment %d not acted on: %s", comment.comment_id, exc, extra=_log_ids(comment))
         text = (
             f"KubeCI could not act on this comment because a request to {comment.forge} "
             f"failed: {exc}. Comment again once {comment.forge} responds."
         )
         async with self.pool.acquire() as conn, conn.transaction():
+            if not await claim_comment(conn, comment, delivery_pk):
+                return self._duplicate(comment)
             await self._reply(conn, comment, [text])
         return {"chatops": {"outcome": "forge_unavailable", "error": str(exc)}}
 
@@ -218,6 +241,9 @@ class ChatOps:
 
     async def _apply(self, conn: Connection, plan: Plan, delivery_pk: int) -> Outcome:
         outcome = Outcome()
+        if not await claim_comment(conn, plan.comment, delivery_pk):
+            outcome.duplicate = True
+            return outcome
         if plan.unknown:
             outcome.paragraphs.append(replies.unknown_commands(plan.unknown))
         if plan.refused:

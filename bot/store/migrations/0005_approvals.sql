@@ -11,3 +11,15 @@ CREATE TABLE approvals (
     approved_at     timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (forge, repository, pr_number)
 );
+
+-- Comments that chat-ops acted on. A comment can reach KubeCI through two webhooks (a
+-- repository hook and an organisation hook), each with its own delivery id, so the
+-- unique delivery id does not stop the second; this key does.
+CREATE TABLE handled_comments (
+    forge           text NOT NULL,                   -- github, gitlab
+    repository      text NOT NULL,
+    comment_id      bigint NOT NULL,                 -- the forge's comment or note id
+    delivery_pk     bigint NOT NULL,                 -- deliveries.id of the delivery that acted
+    handled_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (forge, repository, comment_id)
+);
