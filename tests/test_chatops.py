@@ -602,6 +602,23 @@ async def test_comment_run_superseded_by_push(
     assert await core.wait_run(pushed) == "succeeded"
 
 
+async def test_comment_run_on_stale_head_supersedes_nothing(
+    core: Harness, fake_github: FakeGitHub, fake_target: FakeTarget
+) -> None:
+    text = build_pipeline(fake_target)
+    (pushed,) = run_ids(await open_pr(core, fake_github, text, action="synchronize", sha=SHA_2))
+    # The forge's API still returns the previous head for a moment.
+    serve_pr(fake_github, text, sha=SHA_1)
+    (by_comment,) = run_ids(await comment(core, "/test build"))
+    await settle(core, pushed, by_comment)
+    assert (await run_row(core, by_comment))["sha"] == SHA_1
+    build = await core.state("jobs", by_comment, "build")
+    assert build["group_key"] == ""
+    (reply,) = chatops_replies(fake_github)
+    assert "cancels no other run" in reply
+    assert SHA_2[:7] in reply
+
+
 # ---- commands by users without write access --------------------------------------------
 
 

@@ -145,7 +145,6 @@ async def test_reporter_labelled_fork_mr_waits(
     assert response["outcome"] == "awaiting_approval"
 
 
-@pytest.mark.xfail(strict=True, reason="a comment run on a stale head supersedes a newer run")
 async def test_comment_run_does_not_supersede_newer_head(
     core: Harness, fake_github: FakeGitHub, fake_target: FakeTarget
 ) -> None:

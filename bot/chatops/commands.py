@@ -13,9 +13,10 @@ once the comment's delivery is stored. It works in two phases:
 
 All commands of a comment run. The jobs that `/retest`, `/test` and `/ok-to-test` ask
 for go into one run, and `/cancel` acts before that run starts, so it never cancels
-the run its own comment started. A writer's `/retest` or `/test` also runs a pull
-request that waits for approval, once and without secrets; only `/ok-to-test` lets its
-later pushes run. An accepted command gets a reaction. Anything to explain (an unknown
+the run its own comment started. A run on another head commit than the newest push's
+supersedes nothing (see `_may_supersede`). A writer's `/retest` or `/test` also runs a
+pull request that waits for approval, once and without secrets; only `/ok-to-test`
+lets its later pushes run. An accepted command gets a reaction. Anything to explain (an unknown
 or refused command, `/help`, nothing to do) goes into exactly one reply per comment.
 """
 
@@ -36,7 +37,12 @@ from bot.chatops.outbox import enqueue_label
 from bot.chatops.parse import Command, parse_commands
 from bot.chatops.pipelines import LoadedPipeline, PipelineLoader, start_run
 from bot.chatops.pulls import comment_labels, fetch_pull_request, pull_request_trigger
-from bot.chatops.runs import RETEST_STATES, active_run_ids, latest_job_states
+from bot.chatops.runs import (
+    RETEST_STATES,
+    active_run_ids,
+    latest_job_states,
+    newest_webhook_sha,
+)
 from bot.chatops.trust import untrusted_reason
 from bot.config import ConfigError, Settings
 from bot.engine.core import Engine
@@ -309,9 +315,34 @@ class ChatOps:
             trusted=plan.untrusted_reason is None,
             only_jobs=jobs,
             delivery_pk=delivery_pk,
+            supersede=await self._may_supersede(conn, plan, outcome),
         )
         outcome.run_ids.append(run_id)
         outcome.acted = True
+
+    async def _may_supersede(self, conn: Connection, plan: Plan, outcome: Outcome) -> bool:
+        """Tell whether the comment's run may cancel older runs of the pull request.
+
+        The forge's API can return the previous head for a moment after a push, and a
+        run on that head must not cancel the run of the push. So when the newest run a
+        webhook started is on another commit, the comment's run supersedes nothing.
+        """
+        assert plan.trigger is not None
+        trigger = plan.trigger
+        newest_sha = await newest_webhook_sha(
+            conn, trigger.forge, trigger.repository, plan.comment.pr_number
+        )
+        if newest_sha is None or newest_sha == trigger.sha:
+            return True
+        log.info(
+            "comment %d runs %s without superseding: the newest push is %s",
+            plan.comment.comment_id,
+            trigger.sha,
+            newest_sha,
+            extra=_log_ids(plan.comment),
+        )
+        outcome.paragraphs.append(replies.stale_head(trigger.sha, newest_sha, trigger.forge))
+        return False
 
     async def _jobs_to_run(
         self, conn: Connection, plan: Plan, pipeline: Pipeline, outcome: Outcome

@@ -16,6 +16,7 @@ from bot.chatops.pipelines import LoadedPipeline
 APPROVAL_MARKER = "<!-- kubeci:ok-to-test -->"
 OK_TO_TEST_LABEL = "ok-to-test"
 OK_TO_TEST_CONTEXT = "kubeci/ok-to-test"
+FORGE_NAMES = {"github": "GitHub", "gitlab": "GitLab"}
 # Problems of an invalid pipeline file listed in a reply.
 MAX_PROBLEMS = 20
 
@@ -148,3 +149,13 @@ def approval_status(reason: str) -> str:
 
 def approved_status(author: str) -> str:
     return f"Approved by {author} with /ok-to-test"
+
+
+def stale_head(sha: str, newest_sha: str, forge: str) -> str:
+    """Explain why a comment run on `sha` cancels no run of `newest_sha`."""
+    name = FORGE_NAMES.get(forge, forge)
+    return (
+        f"{name} returned {short_sha(sha)} as the head commit, but the newest push that "
+        f"KubeCI received for this pull request is {short_sha(newest_sha)}. KubeCI cannot "
+        f"tell which is newer, so the run on {short_sha(sha)} cancels no other run."
+    )
