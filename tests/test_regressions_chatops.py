@@ -50,18 +50,15 @@ NS = "kubeci"
 # ---- parsing ---------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="a command in an indented code block runs")
 def test_parse_indented_code_block() -> None:
     body = "A maintainer would approve it with:\n\n    /ok-to-test\n"
     assert parse_commands(body) == []
 
 
-@pytest.mark.xfail(strict=True, reason="a command inside an HTML <pre> block runs")
 def test_parse_pre_block() -> None:
     assert parse_commands("<pre>\n/cancel\n</pre>") == []
 
 
-@pytest.mark.xfail(strict=True, reason="a lazy continuation line of a quote runs")
 def test_parse_quote_continuation() -> None:
     # Markdown renders both lines inside one quote.
     assert parse_commands("> the old comment said\n/cancel") == []
