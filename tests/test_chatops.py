@@ -635,7 +635,8 @@ async def test_non_writer_command_refused_once(
     (reply,) = chatops_replies(fake_github)
     assert "Only users with write access" in reply
     assert "`/ok-to-test`" in reply
-    assert reply.startswith(f"@{TRIAGER}")
+    assert reply.startswith("<!-- kubeci:reply:")
+    assert f"-->\n@{TRIAGER}\n" in reply
     assert fake_github.reactions == []
     assert fake_github.labels == {}
 

@@ -74,7 +74,6 @@ def test_parse_many_commands_keeps_order() -> None:
 # ---- replies ---------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="a long reply is cut and loses its kubeci marker")
 async def test_long_reply_keeps_marker(
     core: Harness, fake_github: FakeGitHub, fake_target: FakeTarget
 ) -> None:
