@@ -1136,6 +1136,45 @@ async def test_gitlab_bot_note_does_nothing(
     assert await run_count(core) == 0
 
 
+async def test_gitlab_token_user_note_does_nothing(
+    core: Harness, fake_gitlab: FakeGitLab, fake_target: FakeTarget
+) -> None:
+    # A personal token's user has an ordinary username, unlike project and group bots.
+    fake_gitlab.bot_user = {"id": 150, "username": "kubeci", "name": "KubeCI"}
+    fake_gitlab.set_member(PROJECT_ID, 150, 40)
+    serve_mr(fake_gitlab, pipeline(fake_target))
+    _, response = await note(core, fake_gitlab, "/retest", user_id=150, username="kubeci")
+    assert response["chatops"]["outcome"] == "ignored"
+    assert "own GitLab account" in response["chatops"]["reason"]
+    assert await run_count(core) == 0
+
+
+async def test_gitlab_token_user_read_once(
+    core: Harness, fake_gitlab: FakeGitLab, fake_target: FakeTarget
+) -> None:
+    serve_mr(fake_gitlab, pipeline(fake_target))
+    await note(core, fake_gitlab, "/help", user_id=GL_WRITER_ID, username="alice")
+    await note(core, fake_gitlab, "/help", user_id=GL_WRITER_ID, username="alice")
+    assert len(fake_gitlab.requests_to("user.get")) == 1
+
+
+async def test_gitlab_token_user_failure_still_acts(
+    core: Harness, fake_gitlab: FakeGitLab, fake_target: FakeTarget
+) -> None:
+    serve_mr(fake_gitlab, pipeline(fake_target))
+    fake_gitlab.script("user.get", Scripted(502))
+    _, response = await note(core, fake_gitlab, "/retest", user_id=GL_WRITER_ID, username="alice")
+    assert len(run_ids(response)) == 1
+
+
+async def test_gitlab_note_without_commands_reads_nothing(
+    core: Harness, fake_gitlab: FakeGitLab
+) -> None:
+    _, response = await note(core, fake_gitlab, "LGTM", user_id=GL_WRITER_ID, username="alice")
+    assert response["chatops"]["outcome"] == "no_commands"
+    assert fake_gitlab.requests_to("user.get") == []
+
+
 async def test_gitlab_edited_note_does_nothing(
     core: Harness, fake_gitlab: FakeGitLab, fake_target: FakeTarget
 ) -> None:

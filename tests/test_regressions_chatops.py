@@ -106,7 +106,6 @@ async def test_comment_from_two_webhooks_acts_once(
 # ---- bots ------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="GitLab service account notes are not ignored as bots")
 async def test_gitlab_service_account_note_does_nothing(
     core: Harness, fake_gitlab: FakeGitLab, fake_target: FakeTarget
 ) -> None:

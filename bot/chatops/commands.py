@@ -63,6 +63,9 @@ FORGE_BUDGET_S = 6.0
 RUN_COMMANDS = frozenset({"retest", "test", "ok-to-test"})
 REACTIONS = {"github": "+1", "gitlab": "thumbsup"}
 DEADLOCK_ATTEMPTS = 3
+# GitLab names the users of service accounts service_account_..., for example
+# service_account_group_9_3f2a1b.
+GITLAB_SERVICE_ACCOUNT_PREFIX = "service_account_"
 
 
 @dataclass
@@ -123,18 +126,9 @@ class ChatOps:
 
         Raises asyncpg and OSError exceptions when the database fails.
         """
-        ids = _log_ids(comment)
-        skipped = self._skip_reason(comment)
-        if skipped is not None:
-            log.info("comment %d ignored: %s", comment.comment_id, skipped, extra=ids)
-            return {"chatops": {"outcome": "ignored", "reason": skipped}}
-        commands = parse_commands(comment.body)
-        if not commands:
-            return {"chatops": {"outcome": "no_commands"}}
-        # The fast check spares the forge reads; the claim in `_apply` decides for good.
-        async with self.pool.acquire() as conn:
-            if await is_claimed(conn, comment):
-                return self._duplicate(comment)
+        commands, early_response = await self._screen(comment)
+        if early_response is not None:
+            return early_response
         try:
             plan = await self._plan_within_budget(comment, commands)
         except (ForgeError, ConfigError) as exc:
@@ -150,9 +144,28 @@ class ChatOps:
             len(plan.unknown),
             outcome.run_ids,
             outcome.cancelled_run_ids,
-            extra=ids,
+            extra=_log_ids(comment),
         )
         return self._response(plan, outcome)
+
+    async def _screen(self, comment: NewComment) -> tuple[list[Command], dict[str, Any] | None]:
+        """Parse the comment's commands, or return the response when there is nothing to do."""
+        skipped = self._skip_reason(comment)
+        commands: list[Command] = []
+        if skipped is None:
+            commands = parse_commands(comment.body)
+            if not commands:
+                return commands, {"chatops": {"outcome": "no_commands"}}
+            # Only a comment with commands costs a forge read.
+            skipped = await self._own_gitlab_account_reason(comment)
+        if skipped is not None:
+            log.info("comment %d ignored: %s", comment.comment_id, skipped, extra=_log_ids(comment))
+            return commands, {"chatops": {"outcome": "ignored", "reason": skipped}}
+        # The fast check spares the forge reads; the claim in `_apply` decides for good.
+        async with self.pool.acquire() as conn:
+            if await is_claimed(conn, comment):
+                return commands, self._duplicate(comment)
+        return commands, None
 
     def _duplicate(self, comment: NewComment) -> dict[str, Any]:
         reason = f"comment {comment.comment_id} was acted on already, from another webhook"
@@ -162,11 +175,36 @@ class ChatOps:
     def _skip_reason(self, comment: NewComment) -> str | None:
         if comment.author_is_bot:
             return "the author is a bot"
+        if comment.forge == "gitlab" and comment.author.startswith(GITLAB_SERVICE_ACCOUNT_PREFIX):
+            return "the author is a GitLab service account"
         login = self.settings.github_bot_login
         if comment.forge == "github" and login and comment.author.lower() == login.lower():
             return "the author is KubeCI's own account"
         if replies.is_kubeci_text(comment.body):
             return "KubeCI posted the comment"
+        return None
+
+    async def _own_gitlab_account_reason(self, comment: NewComment) -> str | None:
+        """Return why the note is KubeCI's own, when its author is the GitLab token's user.
+
+        A failed lookup is logged and counts as another author, because the marker
+        check already ignores the notes KubeCI posts.
+        """
+        if comment.forge != "gitlab":
+            return None
+        try:
+            async with asyncio.timeout(self.forge_budget_s):
+                own = await self.forges.gitlab().current_user()
+        except (ForgeError, ConfigError, TimeoutError) as exc:
+            log.warning(
+                "reading the GitLab token's user failed, so note %d is not checked against it: %s",
+                comment.comment_id,
+                exc,
+                extra=_log_ids(comment),
+            )
+            return None
+        if comment.author_id == own.id or comment.author.lower() == own.username.lower():
+            return "the author is KubeCI's own GitLab account"
         return None
 
     # ---- phase 1: forge reads -----------------------------------------------------------

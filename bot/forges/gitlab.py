@@ -17,6 +17,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import gitlab
@@ -159,6 +160,14 @@ def _merge_request(data: Mapping[str, Any], what: str) -> PullRequest:
     )
 
 
+@dataclass(frozen=True)
+class TokenUser:
+    """The GitLab user a token authenticates as."""
+
+    id: int
+    username: str
+
+
 def _check_label(label: str) -> None:
     # GitLab splits add_labels and remove_labels at commas.
     if not label or "," in label:
@@ -195,6 +204,7 @@ class GitLabClient:
         self._call_timeout_s = call_timeout_s if call_timeout_s is not None else 4 * timeout_s
         self._clock = clock
         self._sent_states: OrderedDict[tuple[str, str, str], str] = OrderedDict()
+        self._token_user: TokenUser | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> GitLabClient:
@@ -228,6 +238,24 @@ class GitLabClient:
 
     def _mr(self, project: ProjectRef, iid: int) -> Any:
         return self._project(project).mergerequests.get(iid, lazy=True)
+
+    async def current_user(self) -> TokenUser:
+        """Return the user the token authenticates as (`GET /user`), read once per client.
+
+        A failed read is not remembered, so the next call tries again.
+        """
+        if self._token_user is None:
+            what = "read of the token's user"
+
+            def read() -> Any:
+                return self._gl.http_get("/user")
+
+            data = await self._run(what, read)
+            self._token_user = TokenUser(
+                id=response_field(data, "id", int, forge=FORGE, what=what),
+                username=response_field(data, "username", str, forge=FORGE, what=what),
+            )
+        return self._token_user
 
     async def get_file(self, project: ProjectRef, path: str, sha: str) -> bytes | None:
         """Return the content of `path` at commit `sha`, or None when there is no such file."""

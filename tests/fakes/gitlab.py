@@ -5,7 +5,7 @@ commit moves pending -> running -> success/failed/canceled, and a move that the
 machine does not allow gets GitLab's 400 "Cannot transition status" response. Route
 names for `script()`: files.raw, merge_requests.get, merge_requests.update,
 statuses.create, notes.list, notes.create, notes.update, award_emoji.create,
-members.get.
+members.get, user.get.
 """
 
 from __future__ import annotations
@@ -185,6 +185,7 @@ class FakeGitLab(FakeServer):
                 "award_emoji.create",
             ),
             ("GET", f"{project}/members/all/{{user_id:\\d+}}", self.get_member, "members.get"),
+            ("GET", "/api/v4/user", self.get_user, "user.get"),
         ]
         for method, path, handler, name in routes:
             app.router.add_route(method, path, handler, name=name)
@@ -300,6 +301,11 @@ class FakeGitLab(FakeServer):
             return error(404, "404 Award Emoji Name has already been taken Not Found")
         self.award_emoji.append(award)
         return web.json_response({"id": next(self._ids), **award}, status=201)
+
+    async def get_user(self, request: web.Request) -> web.Response:
+        """Return the token's own user, `bot_user`."""
+        self._authorize(request)
+        return web.json_response({**self.bot_user, "state": "active", "bot": True})
 
     async def get_member(self, request: web.Request) -> web.Response:
         project_id = self._project_id(request)
