@@ -101,7 +101,7 @@ def database_dsn(server_dsn: str) -> Iterator[str]:
 
 TABLES = (
     "deliveries, runs, jobs, steps, tasks, attempts, callbacks, events, logs, outbox, sink_state,"
-    " config_errors"
+    " config_errors, approvals, handled_comments"
 )
 
 

@@ -4,6 +4,7 @@ the pipelines' tasks call."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -548,6 +549,45 @@ async def test_forge_failure_gets_one_reply(
     assert "Comment again" in reply
 
 
+async def send_twice(core: Harness, payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """Send one comment as a repository hook and an organisation hook would: at once,
+    each delivery with its own id."""
+    requests = [
+        p.github_request(payload, "issue_comment", secret=GITHUB_SECRET, delivery=str(uuid.uuid4()))
+        for _ in range(2)
+    ]
+    return list(await asyncio.gather(*(post(core, "github", *request) for request in requests)))
+
+
+async def test_comment_twice_at_once_acts_once(
+    core: Harness, fake_github: FakeGitHub, fake_target: FakeTarget
+) -> None:
+    serve_pr(fake_github, pipeline(fake_target))
+    payload = p.github_issue_comment(body="/test all\n/nope", author=WRITER, comment_id=8802)
+    responses = await send_twice(core, payload)
+    await core.wait_outbox()
+    outcomes = sorted(response["chatops"]["outcome"] for response in responses)
+    assert outcomes == ["acted", "duplicate"]
+    assert await run_count(core) == 1
+    assert len(chatops_replies(fake_github)) == 1
+    assert len(fake_github.reactions) == 1
+
+
+async def test_forge_failure_claims_comment(
+    core: Harness, fake_github: FakeGitHub, fake_target: FakeTarget
+) -> None:
+    # The failure reply asks for a new comment, so a second webhook of this one is silent.
+    serve_pr(fake_github, pipeline(fake_target))
+    fake_github.script("pulls.get", Scripted(502))
+    first = await comment(core, "/retest", comment_id=8803)
+    second = await comment(core, "/retest", comment_id=8803)
+    await core.wait_outbox()
+    assert first["chatops"]["outcome"] == "forge_unavailable"
+    assert second["chatops"]["outcome"] == "duplicate"
+    assert await run_count(core) == 0
+    assert len(chatops_replies(fake_github)) == 1
+
+
 async def test_comment_run_superseded_by_push(
     core: Harness, fake_github: FakeGitHub, fake_target: FakeTarget
 ) -> None:
@@ -560,6 +600,23 @@ async def test_comment_run_superseded_by_push(
     job = await core.state("jobs", by_comment, "deploy")
     assert job["superseded_by"] == SHA_2
     assert await core.wait_run(pushed) == "succeeded"
+
+
+async def test_comment_run_on_stale_head_supersedes_nothing(
+    core: Harness, fake_github: FakeGitHub, fake_target: FakeTarget
+) -> None:
+    text = build_pipeline(fake_target)
+    (pushed,) = run_ids(await open_pr(core, fake_github, text, action="synchronize", sha=SHA_2))
+    # The forge's API still returns the previous head for a moment.
+    serve_pr(fake_github, text, sha=SHA_1)
+    (by_comment,) = run_ids(await comment(core, "/test build"))
+    await settle(core, pushed, by_comment)
+    assert (await run_row(core, by_comment))["sha"] == SHA_1
+    build = await core.state("jobs", by_comment, "build")
+    assert build["group_key"] == ""
+    (reply,) = chatops_replies(fake_github)
+    assert "cancels no other run" in reply
+    assert SHA_2[:7] in reply
 
 
 # ---- commands by users without write access --------------------------------------------
@@ -578,7 +635,8 @@ async def test_non_writer_command_refused_once(
     (reply,) = chatops_replies(fake_github)
     assert "Only users with write access" in reply
     assert "`/ok-to-test`" in reply
-    assert reply.startswith(f"@{TRIAGER}")
+    assert reply.startswith("<!-- kubeci:reply:")
+    assert f"-->\n@{TRIAGER}\n" in reply
     assert fake_github.reactions == []
     assert fake_github.labels == {}
 
@@ -747,14 +805,73 @@ async def test_removed_label_revokes_approval(
     assert response["outcome"] == "awaiting_approval"
 
 
+async def test_ok_to_test_stores_approval(
+    core: Harness, fake_github: FakeGitHub, fake_target: FakeTarget
+) -> None:
+    await open_pr(core, fake_github, pipeline(fake_target), author="mallory", fork=True)
+    await comment(core, "/ok-to-test", comment_id=6004)
+    row = await core.pool.fetchrow("SELECT * FROM approvals")
+    assert row is not None
+    assert (row["forge"], row["repository"], row["pr_number"]) == ("github", REPO, 7)
+    assert row["approved_by"] == WRITER
+    assert row["comment_id"] == 6004
+
+
+async def test_triager_labelled_fork_pr_waits(
+    core: Harness, fake_github: FakeGitHub, fake_target: FakeTarget
+) -> None:
+    # GitHub's triage role may add labels but has no write access.
+    response = await open_pr(
+        core, fake_github, pipeline(fake_target), author=TRIAGER, fork=True, labels=("ok-to-test",)
+    )
+    assert response["outcome"] == "awaiting_approval"
+    assert "label alone approves nothing" in response["reason"]
+    assert await run_count(core) == 0
+
+
+async def test_unlabel_deletes_approval(
+    core: Harness, fake_github: FakeGitHub, fake_target: FakeTarget
+) -> None:
+    text = pipeline(fake_target)
+    await open_pr(core, fake_github, text, author="mallory", fork=True, sha=SHA_1)
+    await comment(core, "/ok-to-test")
+    unlabeled = p.github_pull_request(
+        "unlabeled", label="ok-to-test", number=7, head_sha=SHA_1, author="mallory"
+    )
+    response = await github_event(core, unlabeled, "pull_request")
+    assert "approval is revoked" in response["reason"]
+    assert await core.pool.fetchval("SELECT count(*) FROM approvals") == 0
+    # Someone without write access adds the label again: the next push still waits.
+    relabelled = await open_pr(
+        core,
+        fake_github,
+        text,
+        action="synchronize",
+        author="mallory",
+        fork=True,
+        sha=SHA_2,
+        labels=("ok-to-test",),
+    )
+    assert relabelled["outcome"] == "awaiting_approval"
+
+
+async def test_unlabel_of_other_label_keeps_approval(
+    core: Harness, fake_github: FakeGitHub, fake_target: FakeTarget
+) -> None:
+    await open_pr(core, fake_github, pipeline(fake_target), author="mallory", fork=True)
+    await comment(core, "/ok-to-test")
+    unlabeled = p.github_pull_request("unlabeled", label="needs-review", number=7)
+    response = await github_event(core, unlabeled, "pull_request")
+    assert response["outcome"] == "ignored"
+    assert await core.pool.fetchval("SELECT count(*) FROM approvals") == 1
+
+
 async def test_untrusted_run_gets_no_secrets(
     core: Harness, fake_github: FakeGitHub, fake_target: FakeTarget
 ) -> None:
     text = secret_pipeline(fake_target)
-    response = await open_pr(
-        core, fake_github, text, author="mallory", fork=True, labels=("ok-to-test",)
-    )
-    (run_id,) = run_ids(response)
+    await open_pr(core, fake_github, text, author="mallory", fork=True)
+    (run_id,) = run_ids(await comment(core, "/ok-to-test"))
     assert await core.wait_run(run_id) == "failed"
     task = await core.state("tasks", run_id, "push")
     assert "secrets.DEPLOY_TOKEN" in task["message"]
@@ -989,6 +1106,25 @@ async def test_gitlab_fork_mr_waits_then_ok_to_test(
     assert (await run_row(core, run_id))["trusted"] is False
 
 
+async def test_gitlab_unlabel_deletes_approval(
+    core: Harness, fake_gitlab: FakeGitLab, fake_target: FakeTarget
+) -> None:
+    serve_mr(fake_gitlab, pipeline(fake_target), author_id=55, fork=True)
+    await note(core, fake_gitlab, "/ok-to-test", user_id=GL_WRITER_ID, username="alice")
+    assert await core.pool.fetchval("SELECT count(*) FROM approvals") == 1
+    updated = p.gitlab_merge_request(
+        "update",
+        iid=3,
+        source_project_id=FORK_PROJECT_ID,
+        source_path="mallory/widgets",
+        labels=(),
+        previous_labels=("ok-to-test",),
+    )
+    response = await gitlab_event(core, updated)
+    assert "approval is revoked" in response["reason"]
+    assert await core.pool.fetchval("SELECT count(*) FROM approvals") == 0
+
+
 async def test_gitlab_bot_note_does_nothing(
     core: Harness, fake_gitlab: FakeGitLab, fake_target: FakeTarget
 ) -> None:
@@ -998,6 +1134,45 @@ async def test_gitlab_bot_note_does_nothing(
     )
     assert response["chatops"]["outcome"] == "ignored"
     assert await run_count(core) == 0
+
+
+async def test_gitlab_token_user_note_does_nothing(
+    core: Harness, fake_gitlab: FakeGitLab, fake_target: FakeTarget
+) -> None:
+    # A personal token's user has an ordinary username, unlike project and group bots.
+    fake_gitlab.bot_user = {"id": 150, "username": "kubeci", "name": "KubeCI"}
+    fake_gitlab.set_member(PROJECT_ID, 150, 40)
+    serve_mr(fake_gitlab, pipeline(fake_target))
+    _, response = await note(core, fake_gitlab, "/retest", user_id=150, username="kubeci")
+    assert response["chatops"]["outcome"] == "ignored"
+    assert "own GitLab account" in response["chatops"]["reason"]
+    assert await run_count(core) == 0
+
+
+async def test_gitlab_token_user_read_once(
+    core: Harness, fake_gitlab: FakeGitLab, fake_target: FakeTarget
+) -> None:
+    serve_mr(fake_gitlab, pipeline(fake_target))
+    await note(core, fake_gitlab, "/help", user_id=GL_WRITER_ID, username="alice")
+    await note(core, fake_gitlab, "/help", user_id=GL_WRITER_ID, username="alice")
+    assert len(fake_gitlab.requests_to("user.get")) == 1
+
+
+async def test_gitlab_token_user_failure_still_acts(
+    core: Harness, fake_gitlab: FakeGitLab, fake_target: FakeTarget
+) -> None:
+    serve_mr(fake_gitlab, pipeline(fake_target))
+    fake_gitlab.script("user.get", Scripted(502))
+    _, response = await note(core, fake_gitlab, "/retest", user_id=GL_WRITER_ID, username="alice")
+    assert len(run_ids(response)) == 1
+
+
+async def test_gitlab_note_without_commands_reads_nothing(
+    core: Harness, fake_gitlab: FakeGitLab
+) -> None:
+    _, response = await note(core, fake_gitlab, "LGTM", user_id=GL_WRITER_ID, username="alice")
+    assert response["chatops"]["outcome"] == "no_commands"
+    assert fake_gitlab.requests_to("user.get") == []
 
 
 async def test_gitlab_edited_note_does_nothing(

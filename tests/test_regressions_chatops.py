@@ -50,18 +50,15 @@ NS = "kubeci"
 # ---- parsing ---------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="a command in an indented code block runs")
 def test_parse_indented_code_block() -> None:
     body = "A maintainer would approve it with:\n\n    /ok-to-test\n"
     assert parse_commands(body) == []
 
 
-@pytest.mark.xfail(strict=True, reason="a command inside an HTML <pre> block runs")
 def test_parse_pre_block() -> None:
     assert parse_commands("<pre>\n/cancel\n</pre>") == []
 
 
-@pytest.mark.xfail(strict=True, reason="a lazy continuation line of a quote runs")
 def test_parse_quote_continuation() -> None:
     # Markdown renders both lines inside one quote.
     assert parse_commands("> the old comment said\n/cancel") == []
@@ -77,7 +74,6 @@ def test_parse_many_commands_keeps_order() -> None:
 # ---- replies ---------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="a long reply is cut and loses its kubeci marker")
 async def test_long_reply_keeps_marker(
     core: Harness, fake_github: FakeGitHub, fake_target: FakeTarget
 ) -> None:
@@ -90,7 +86,6 @@ async def test_long_reply_keeps_marker(
     assert "<!-- kubeci:reply:" in reply
 
 
-@pytest.mark.xfail(strict=True, reason="one comment sent by two webhooks is acted on twice")
 async def test_comment_from_two_webhooks_acts_once(
     core: Harness, fake_github: FakeGitHub, fake_target: FakeTarget
 ) -> None:
@@ -111,7 +106,6 @@ async def test_comment_from_two_webhooks_acts_once(
 # ---- bots ------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="GitLab service account notes are not ignored as bots")
 async def test_gitlab_service_account_note_does_nothing(
     core: Harness, fake_gitlab: FakeGitLab, fake_target: FakeTarget
 ) -> None:
@@ -128,7 +122,6 @@ async def test_gitlab_service_account_note_does_nothing(
 # ---- trust -----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="a label added by a non-writer approves a fork MR")
 async def test_reporter_labelled_fork_mr_waits(
     core: Harness, fake_gitlab: FakeGitLab, fake_target: FakeTarget
 ) -> None:
@@ -147,7 +140,6 @@ async def test_reporter_labelled_fork_mr_waits(
     assert response["outcome"] == "awaiting_approval"
 
 
-@pytest.mark.xfail(strict=True, reason="a comment run on a stale head supersedes a newer run")
 async def test_comment_run_does_not_supersede_newer_head(
     core: Harness, fake_github: FakeGitHub, fake_target: FakeTarget
 ) -> None:

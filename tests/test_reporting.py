@@ -738,7 +738,8 @@ async def test_reply_and_reaction_github(
         await forges.close()
     assert fake_github.reactions == [{"comment_id": command["id"], "content": "eyes"}]
     reply = fake_github.comments[(REPO.lower(), PR)][-1]
-    assert reply["body"].startswith("Unknown job.\n\n<!-- kubeci:reply:")
+    assert reply["body"].startswith("<!-- kubeci:reply:")
+    assert reply["body"].endswith(" -->\nUnknown job.")
 
 
 async def test_reply_retry_not_posted_twice(

@@ -6,14 +6,17 @@ once the comment's delivery is stored. It works in two phases:
 1. Forge reads, outside any transaction: the commenter's write access (one lookup),
    the pull request (head commit, labels, fork), the pipeline file at the head commit,
    and the pull request author's access when a run is started.
-2. One transaction: cancel runs, create the run, and enqueue every forge write (label,
-   statuses, reaction, reply) in the outbox, so they are sent once the commit holds.
+2. One transaction: claim the comment (`bot.chatops.claims`), cancel runs, create the
+   run, and enqueue every forge write (label, statuses, reaction, reply) in the outbox,
+   so they are sent once the commit holds. A comment that another webhook's delivery
+   claimed first is not acted on again.
 
 All commands of a comment run. The jobs that `/retest`, `/test` and `/ok-to-test` ask
 for go into one run, and `/cancel` acts before that run starts, so it never cancels
-the run its own comment started. A writer's `/retest` or `/test` also runs a pull
-request that waits for approval, once and without secrets; only `/ok-to-test` lets its
-later pushes run. An accepted command gets a reaction. Anything to explain (an unknown
+the run its own comment started. A run on another head commit than the newest push's
+supersedes nothing (see `_may_supersede`). A writer's `/retest` or `/test` also runs a
+pull request that waits for approval, once and without secrets; only `/ok-to-test`
+lets its later pushes run. An accepted command gets a reaction. Anything to explain (an unknown
 or refused command, `/help`, nothing to do) goes into exactly one reply per comment.
 """
 
@@ -28,11 +31,18 @@ import asyncpg
 
 from bot.chatops import replies
 from bot.chatops.access import AccessChecker, ForgeUser
+from bot.chatops.approvals import record_approval
+from bot.chatops.claims import claim_comment, is_claimed
 from bot.chatops.outbox import enqueue_label
 from bot.chatops.parse import Command, parse_commands
 from bot.chatops.pipelines import LoadedPipeline, PipelineLoader, start_run
 from bot.chatops.pulls import comment_labels, fetch_pull_request, pull_request_trigger
-from bot.chatops.runs import RETEST_STATES, active_run_ids, latest_job_states
+from bot.chatops.runs import (
+    RETEST_STATES,
+    active_run_ids,
+    latest_job_states,
+    newest_webhook_sha,
+)
 from bot.chatops.trust import untrusted_reason
 from bot.config import ConfigError, Settings
 from bot.engine.core import Engine
@@ -53,6 +63,9 @@ FORGE_BUDGET_S = 6.0
 RUN_COMMANDS = frozenset({"retest", "test", "ok-to-test"})
 REACTIONS = {"github": "+1", "gitlab": "thumbsup"}
 DEADLOCK_ATTEMPTS = 3
+# GitLab names the users of service accounts service_account_..., for example
+# service_account_group_9_3f2a1b.
+GITLAB_SERVICE_ACCOUNT_PREFIX = "service_account_"
 
 
 @dataclass
@@ -85,6 +98,8 @@ class Outcome:
     run_ids: list[int] = field(default_factory=list)
     cancelled_run_ids: list[int] = field(default_factory=list)
     acted: bool = False
+    # Another delivery of the same comment acted on it first, so this one did nothing.
+    duplicate: bool = False
 
 
 class ChatOps:
@@ -111,19 +126,16 @@ class ChatOps:
 
         Raises asyncpg and OSError exceptions when the database fails.
         """
-        ids = _log_ids(comment)
-        skipped = self._skip_reason(comment)
-        if skipped is not None:
-            log.info("comment %d ignored: %s", comment.comment_id, skipped, extra=ids)
-            return {"chatops": {"outcome": "ignored", "reason": skipped}}
-        commands = parse_commands(comment.body)
-        if not commands:
-            return {"chatops": {"outcome": "no_commands"}}
+        commands, early_response = await self._screen(comment)
+        if early_response is not None:
+            return early_response
         try:
             plan = await self._plan_within_budget(comment, commands)
         except (ForgeError, ConfigError) as exc:
-            return await self._report_forge_failure(comment, exc)
+            return await self._report_forge_failure(comment, exc, delivery_pk)
         outcome = await self._apply_retrying_deadlocks(plan, delivery_pk)
+        if outcome.duplicate:
+            return self._duplicate(comment)
         log.info(
             "comment %d: %s accepted, %d refused, %d unknown; runs %s, cancelled %s",
             comment.comment_id,
@@ -132,18 +144,67 @@ class ChatOps:
             len(plan.unknown),
             outcome.run_ids,
             outcome.cancelled_run_ids,
-            extra=ids,
+            extra=_log_ids(comment),
         )
         return self._response(plan, outcome)
+
+    async def _screen(self, comment: NewComment) -> tuple[list[Command], dict[str, Any] | None]:
+        """Parse the comment's commands, or return the response when there is nothing to do."""
+        skipped = self._skip_reason(comment)
+        commands: list[Command] = []
+        if skipped is None:
+            commands = parse_commands(comment.body)
+            if not commands:
+                return commands, {"chatops": {"outcome": "no_commands"}}
+            # Only a comment with commands costs a forge read.
+            skipped = await self._own_gitlab_account_reason(comment)
+        if skipped is not None:
+            log.info("comment %d ignored: %s", comment.comment_id, skipped, extra=_log_ids(comment))
+            return commands, {"chatops": {"outcome": "ignored", "reason": skipped}}
+        # The fast check spares the forge reads; the claim in `_apply` decides for good.
+        async with self.pool.acquire() as conn:
+            if await is_claimed(conn, comment):
+                return commands, self._duplicate(comment)
+        return commands, None
+
+    def _duplicate(self, comment: NewComment) -> dict[str, Any]:
+        reason = f"comment {comment.comment_id} was acted on already, from another webhook"
+        log.info("%s", reason, extra=_log_ids(comment))
+        return {"chatops": {"outcome": "duplicate", "reason": reason}}
 
     def _skip_reason(self, comment: NewComment) -> str | None:
         if comment.author_is_bot:
             return "the author is a bot"
+        if comment.forge == "gitlab" and comment.author.startswith(GITLAB_SERVICE_ACCOUNT_PREFIX):
+            return "the author is a GitLab service account"
         login = self.settings.github_bot_login
         if comment.forge == "github" and login and comment.author.lower() == login.lower():
             return "the author is KubeCI's own account"
         if replies.is_kubeci_text(comment.body):
             return "KubeCI posted the comment"
+        return None
+
+    async def _own_gitlab_account_reason(self, comment: NewComment) -> str | None:
+        """Return why the note is KubeCI's own, when its author is the GitLab token's user.
+
+        A failed lookup is logged and counts as another author, because the marker
+        check already ignores the notes KubeCI posts.
+        """
+        if comment.forge != "gitlab":
+            return None
+        try:
+            async with asyncio.timeout(self.forge_budget_s):
+                own = await self.forges.gitlab().current_user()
+        except (ForgeError, ConfigError, TimeoutError) as exc:
+            log.warning(
+                "reading the GitLab token's user failed, so note %d is not checked against it: %s",
+                comment.comment_id,
+                exc,
+                extra=_log_ids(comment),
+            )
+            return None
+        if comment.author_id == own.id or comment.author.lower() == own.username.lower():
+            return "the author is KubeCI's own GitLab account"
         return None
 
     # ---- phase 1: forge reads -----------------------------------------------------------
@@ -179,14 +240,21 @@ class ChatOps:
         return plan
 
     async def _report_forge_failure(
-        self, comment: NewComment, exc: ForgeError | ConfigError
+        self, comment: NewComment, exc: ForgeError | ConfigError, delivery_pk: int
     ) -> dict[str, Any]:
+        """Reply that the comment was not acted on, and claim it.
+
+        The reply asks for a new comment, so the comment is claimed as if handled: a
+        second webhook of the same comment neither acts nor replies again.
+        """
         log.error("comment %d not acted on: %s", comment.comment_id, exc, extra=_log_ids(comment))
         text = (
             f"KubeCI could not act on this comment because a request to {comment.forge} "
             f"failed: {exc}. Comment again once {comment.forge} responds."
         )
         async with self.pool.acquire() as conn, conn.transaction():
+            if not await claim_comment(conn, comment, delivery_pk):
+                return self._duplicate(comment)
             await self._reply(conn, comment, [text])
         return {"chatops": {"outcome": "forge_unavailable", "error": str(exc)}}
 
@@ -217,6 +285,9 @@ class ChatOps:
 
     async def _apply(self, conn: Connection, plan: Plan, delivery_pk: int) -> Outcome:
         outcome = Outcome()
+        if not await claim_comment(conn, plan.comment, delivery_pk):
+            outcome.duplicate = True
+            return outcome
         if plan.unknown:
             outcome.paragraphs.append(replies.unknown_commands(plan.unknown))
         if plan.refused:
@@ -282,9 +353,34 @@ class ChatOps:
             trusted=plan.untrusted_reason is None,
             only_jobs=jobs,
             delivery_pk=delivery_pk,
+            supersede=await self._may_supersede(conn, plan, outcome),
         )
         outcome.run_ids.append(run_id)
         outcome.acted = True
+
+    async def _may_supersede(self, conn: Connection, plan: Plan, outcome: Outcome) -> bool:
+        """Tell whether the comment's run may cancel older runs of the pull request.
+
+        The forge's API can return the previous head for a moment after a push, and a
+        run on that head must not cancel the run of the push. So when the newest run a
+        webhook started is on another commit, the comment's run supersedes nothing.
+        """
+        assert plan.trigger is not None
+        trigger = plan.trigger
+        newest_sha = await newest_webhook_sha(
+            conn, trigger.forge, trigger.repository, plan.comment.pr_number
+        )
+        if newest_sha is None or newest_sha == trigger.sha:
+            return True
+        log.info(
+            "comment %d runs %s without superseding: the newest push is %s",
+            plan.comment.comment_id,
+            trigger.sha,
+            newest_sha,
+            extra=_log_ids(plan.comment),
+        )
+        outcome.paragraphs.append(replies.stale_head(trigger.sha, newest_sha, trigger.forge))
+        return False
 
     async def _jobs_to_run(
         self, conn: Connection, plan: Plan, pipeline: Pipeline, outcome: Outcome
@@ -314,6 +410,14 @@ class ChatOps:
         assert plan.pr is not None
         assert plan.trigger is not None
         comment = plan.comment
+        await record_approval(
+            conn,
+            forge=comment.forge,
+            repository=comment.repository,
+            pr_number=comment.pr_number,
+            approved_by=comment.author,
+            comment_id=comment.comment_id,
+        )
         if replies.OK_TO_TEST_LABEL not in plan.pr.labels:
             await enqueue_label(
                 conn,

@@ -81,8 +81,13 @@ async def start_run(
     trusted: bool,
     only_jobs: Sequence[str],
     delivery_pk: int,
+    supersede: bool = True,
 ) -> int:
-    """Create a run of `only_jobs` for `trigger` in the caller's transaction."""
+    """Create a run of `only_jobs` for `trigger` in the caller's transaction.
+
+    Without `supersede`, the run neither cancels older runs of the pull request nor
+    gets cancelled by newer ones, because its jobs get no superseding key.
+    """
     request = RunRequest(
         pipeline=pipeline,
         labels=labels,
@@ -94,7 +99,7 @@ async def start_run(
         trusted=trusted,
         source=trigger.source(),
         delivery_pk=delivery_pk,
-        group_base=group_base(trigger),
+        group_base=group_base(trigger) if supersede else "",
         only_jobs=list(only_jobs),
     )
     return await engine.create_run(conn, request)

@@ -1,8 +1,8 @@
 """Texts of chat-ops replies and notices, in Markdown. No I/O.
 
-Every comment KubeCI posts contains a hidden HTML comment marker starting with
-`<!-- kubeci` (reporting adds one to each reply), so KubeCI recognises its own
-comments and never acts on a command quoted in them.
+Every comment KubeCI posts begins with a hidden HTML comment marker, `<!-- kubeci...`
+(reporting puts one first in each reply), so KubeCI recognises its own comments and
+never acts on a command quoted in them.
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ from bot.chatops.pipelines import LoadedPipeline
 APPROVAL_MARKER = "<!-- kubeci:ok-to-test -->"
 OK_TO_TEST_LABEL = "ok-to-test"
 OK_TO_TEST_CONTEXT = "kubeci/ok-to-test"
+FORGE_NAMES = {"github": "GitHub", "gitlab": "GitLab"}
 # Problems of an invalid pipeline file listed in a reply.
 MAX_PROBLEMS = 20
+# The maximum number of names (jobs, commands) listed in a reply. Further names are counted.
+MAX_LISTED_NAMES = 20
 
 # Any hidden marker of KubeCI's comments (chat-ops replies, run summaries).
 _KUBECI_MARKER = re.compile(r"<!--\s*kubeci\b", re.IGNORECASE)
@@ -46,9 +49,21 @@ def short_sha(sha: str) -> str:
 
 
 def code_list(names: Iterable[str]) -> str:
-    """Write names as a comma-separated list of inline code, or "none"."""
+    """Write names as a comma-separated list of inline code, or "none".
+
+    Only the first MAX_LISTED_NAMES names are written, followed by "and N more".
+    """
     quoted = [f"`{name}`" for name in names]
-    return ", ".join(quoted) if quoted else "none"
+    if not quoted:
+        return "none"
+    listed = ", ".join(quoted[:MAX_LISTED_NAMES])
+    hidden = len(quoted) - MAX_LISTED_NAMES
+    return f"{listed} and {hidden} more" if hidden > 0 else listed
+
+
+def _command_names(commands: Sequence[Command]) -> list[str]:
+    """Return the distinct `/name`s of `commands`, in order."""
+    return list(dict.fromkeys(f"/{command.name}" for command in commands))
 
 
 def compose_reply(author: str, paragraphs: Sequence[str]) -> str:
@@ -70,13 +85,13 @@ def jobs_note(jobs: Sequence[str], filename: str, sha: str) -> str:
 
 
 def unknown_commands(commands: Sequence[Command]) -> str:
-    names = code_list(f"/{command.name}" for command in commands)
-    verb = "is not a KubeCI command" if len(commands) == 1 else "are not KubeCI commands"
-    return f"{names} {verb}. The commands are {COMMAND_LIST}."
+    names = _command_names(commands)
+    verb = "is not a KubeCI command" if len(names) == 1 else "are not KubeCI commands"
+    return f"{code_list(names)} {verb}. The commands are {COMMAND_LIST}."
 
 
 def refusal(commands: Sequence[Command], repository: str) -> str:
-    names = code_list(f"/{command.name}" for command in commands)
+    names = code_list(_command_names(commands))
     pronoun = "it" if len(commands) == 1 else "them"
     return (
         f"Only users with write access to {repository} may use {names}, so KubeCI "
@@ -125,6 +140,7 @@ def test_needs_job(jobs: Sequence[str]) -> str:
 
 
 def unknown_jobs(names: Sequence[str], jobs: Sequence[str]) -> str:
+    names = list(dict.fromkeys(names))
     noun = "job" if len(names) == 1 else "jobs"
     return (
         f"The pipeline file has no {noun} {code_list(names)}, so `/test` ran nothing. "
@@ -148,3 +164,13 @@ def approval_status(reason: str) -> str:
 
 def approved_status(author: str) -> str:
     return f"Approved by {author} with /ok-to-test"
+
+
+def stale_head(sha: str, newest_sha: str, forge: str) -> str:
+    """Explain why a comment run on `sha` cancels no run of `newest_sha`."""
+    name = FORGE_NAMES.get(forge, forge)
+    return (
+        f"{name} returned {short_sha(sha)} as the head commit, but the newest push that "
+        f"KubeCI received for this pull request is {short_sha(newest_sha)}. KubeCI cannot "
+        f"tell which is newer, so the run on {short_sha(sha)} cancels no other run."
+    )

@@ -36,3 +36,17 @@ async def active_run_ids(
         pr_number,
     )
     return [int(row["id"]) for row in rows]
+
+
+async def newest_webhook_sha(
+    conn: Connection, forge: str, repository: str, pr_number: int
+) -> str | None:
+    """Return the commit of the PR's newest run that a webhook started, or None."""
+    sha: str | None = await conn.fetchval(
+        "SELECT sha FROM runs WHERE forge = $1 AND repository = $2 AND pr_number = $3"
+        " AND labels->>'trigger' = 'webhook' ORDER BY id DESC LIMIT 1",
+        forge,
+        repository,
+        pr_number,
+    )
+    return sha

@@ -3,13 +3,13 @@
 Pushes and tags are trusted. A pull request is trusted when its branch lives in the
 repository itself and its author has write access there. Any other pull request (from
 a fork, including a deleted one, or by an author without write access) runs only once
-it carries the `ok-to-test` label, and then without secrets.
+a user with write access approved it with `/ok-to-test`, and then without secrets.
 
-A writer's `/ok-to-test` comment adds the label. Removing the label revokes the
-approval for the pushes that follow. NOTE: anyone who may label the pull request can
-approve it by adding the label by hand, and on GitHub that includes the triage role,
-which has no write access. KubeCI accepts that, because an approved pull request still
-runs without secrets. Adding or removing the label starts or cancels nothing by itself;
+`/ok-to-test` stores the approval in the database (`bot.chatops.approvals`) and adds
+the `ok-to-test` label. A pull request runs only while both are there: the label alone
+approves nothing, because users without write access may add labels (the GitHub triage
+role, a GitLab Reporter). Removing the label deletes the approval, so the pushes that
+follow wait again. Adding or removing the label starts or cancels nothing by itself;
 the next push or `/ok-to-test` does.
 
 Until a pull request is approved, its head commit gets a pending `kubeci/ok-to-test`
@@ -25,11 +25,13 @@ import asyncpg
 
 from bot.chatops import replies
 from bot.chatops.access import AccessChecker, ForgeUser
+from bot.chatops.approvals import approver, revoke_approval
 from bot.chatops.outbox import enqueue_notice_once
 from bot.forges.clients import ForgeClients
 from bot.intake.events import Trigger
 from bot.intake.service import TrustDecision
 from bot.reporting import enqueue_status
+from bot.store.db import Connection
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +77,51 @@ class ForkTrustPolicy:
             return TrustDecision(
                 run=True, trusted=True, reason="the author has write access to the repository"
             )
-        if replies.OK_TO_TEST_LABEL in trigger.pr_labels:
-            label = replies.OK_TO_TEST_LABEL
-            reason = f"{untrusted_because}, but the {label} label approves a run without secrets"
+        approved_by = await self._approver(trigger)
+        if approved_by is not None:
+            reason = (
+                f"{untrusted_because}, but {approved_by} approved it with /ok-to-test;"
+                " it runs without secrets"
+            )
             return TrustDecision(run=True, trusted=False, reason=reason)
         await self._ask_for_approval(trigger, untrusted_because)
         reason = f"{untrusted_because}: a user with write access must comment /ok-to-test"
+        if replies.OK_TO_TEST_LABEL in trigger.pr_labels:
+            reason += f" (the {replies.OK_TO_TEST_LABEL} label alone approves nothing)"
         return TrustDecision(run=False, trusted=False, reason=reason)
+
+    async def _approver(self, trigger: Trigger) -> str | None:
+        """Return who approved the pull request, when it carries the label and an approval."""
+        assert trigger.pr_number is not None
+        if replies.OK_TO_TEST_LABEL not in trigger.pr_labels:
+            return None
+        async with self.pool.acquire() as conn:
+            return await approver(conn, trigger.forge, trigger.repository, trigger.pr_number)
+
+    async def labels_removed(
+        self,
+        conn: Connection,
+        *,
+        forge: str,
+        repository: str,
+        pr_number: int,
+        labels: tuple[str, ...],
+    ) -> str | None:
+        """Revoke the approval when the `ok-to-test` label was removed.
+
+        Returns a note for the delivery's reason, or None when no approval was revoked.
+        """
+        if replies.OK_TO_TEST_LABEL not in labels:
+            return None
+        if not await revoke_approval(conn, forge, repository, pr_number):
+            return None
+        log.info(
+            "approval of pull request #%d revoked: the %s label was removed",
+            pr_number,
+            replies.OK_TO_TEST_LABEL,
+            extra={"forge": forge, "repository": repository},
+        )
+        return "the /ok-to-test approval is revoked"
 
     async def _ask_for_approval(self, trigger: Trigger, untrusted_because: str) -> None:
         assert trigger.pr_number is not None

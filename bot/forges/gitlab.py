@@ -17,6 +17,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import gitlab
@@ -159,6 +160,14 @@ def _merge_request(data: Mapping[str, Any], what: str) -> PullRequest:
     )
 
 
+@dataclass(frozen=True)
+class TokenUser:
+    """The GitLab user a token authenticates as."""
+
+    id: int
+    username: str
+
+
 def _check_label(label: str) -> None:
     # GitLab splits add_labels and remove_labels at commas.
     if not label or "," in label:
@@ -195,7 +204,7 @@ class GitLabClient:
         self._call_timeout_s = call_timeout_s if call_timeout_s is not None else 4 * timeout_s
         self._clock = clock
         self._sent_states: OrderedDict[tuple[str, str, str], str] = OrderedDict()
-        self._username: str | None = None
+        self._token_user: TokenUser | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> GitLabClient:
@@ -230,18 +239,8 @@ class GitLabClient:
         For a project or group access token, that is the bot user GitLab created for it.
         Raises ForgeError when the lookup fails.
         """
-        if self._username is not None:
-            return self._username
-        what = "lookup of the token's user"
-
-        def read() -> Any:
-            return self._gl.http_get("/user")
-
-        user = await self._run(what, read)
-        username = response_field(user, "username", str, forge=FORGE, what=what)
-        log.info("KubeCI comments on GitLab as %s", username, extra={"forge": FORGE})
-        self._username = username
-        return username
+        user = await self.current_user()
+        return user.username
 
     def _project(self, project: ProjectRef) -> Any:
         # python-gitlab percent-encodes the slashes of a path but not its dots, and
@@ -252,6 +251,27 @@ class GitLabClient:
 
     def _mr(self, project: ProjectRef, iid: int) -> Any:
         return self._project(project).mergerequests.get(iid, lazy=True)
+
+    async def current_user(self) -> TokenUser:
+        """Return the user the token authenticates as (`GET /user`), read once per client.
+
+        A failed read is not remembered, so the next call tries again.
+        """
+        if self._token_user is None:
+            what = "read of the token's user"
+
+            def read() -> Any:
+                return self._gl.http_get("/user")
+
+            data = await self._run(what, read)
+            self._token_user = TokenUser(
+                id=response_field(data, "id", int, forge=FORGE, what=what),
+                username=response_field(data, "username", str, forge=FORGE, what=what),
+            )
+            log.info(
+                "KubeCI comments on GitLab as %s", self._token_user.username, extra={"forge": FORGE}
+            )
+        return self._token_user
 
     async def get_file(self, project: ProjectRef, path: str, sha: str) -> bytes | None:
         """Return the content of `path` at commit `sha`, or None when there is no such file."""

@@ -31,7 +31,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, runtime_checkable
 
 import asyncpg
 
@@ -102,6 +102,26 @@ class TrustDecision:
 class TrustPolicy(Protocol):
     async def decide(self, trigger: Trigger) -> TrustDecision:
         """Decide whether `trigger` runs now; raising ForgeError gets the delivery a 503."""
+        ...
+
+
+@runtime_checkable
+class LabelRemovalHandler(Protocol):
+    """A trust policy that keeps approvals, which removing a label may revoke."""
+
+    async def labels_removed(
+        self,
+        conn: Connection,
+        *,
+        forge: str,
+        repository: str,
+        pr_number: int,
+        labels: tuple[str, ...],
+    ) -> str | None:
+        """Act on labels removed from a PR/MR, inside the transaction storing the delivery.
+
+        Returns a note for the delivery's reason, or None when nothing changed.
+        """
         ...
 
 
@@ -261,6 +281,8 @@ class Intake:
 
     `trust_policy`, `comment_handler` and `on_config_error` are public attributes, so
     that upper layers (chat-ops, reporting) can plug in after the services are built.
+    When the trust policy is also a `LabelRemovalHandler`, the intake passes it the
+    labels removed from a pull request, so that it can revoke approvals.
     """
 
     def __init__(
@@ -400,8 +422,32 @@ class Intake:
         return _Reply(delivery, "pong", intent.reason)
 
     async def _on_ignore(self, delivery: Delivery, intent: Intent) -> _Reply:
+        if intent.labels_removed and isinstance(self.trust_policy, LabelRemovalHandler):
+            return await self._on_labels_removed(delivery, intent, self.trust_policy)
         await self._store(delivery, "ignored", intent.reason)
         return _Reply(delivery, "ignored", intent.reason)
+
+    async def _on_labels_removed(
+        self, delivery: Delivery, intent: Intent, handler: LabelRemovalHandler
+    ) -> _Reply:
+        """Let the trust policy revoke approvals, in one transaction with the delivery.
+
+        A repeated delivery rolls the handler's changes back with its own.
+        """
+        assert intent.repository is not None and intent.pr_number is not None
+        reason = intent.reason
+        async with self.pool.acquire() as conn, conn.transaction():
+            note = await handler.labels_removed(
+                conn,
+                forge=delivery.forge,
+                repository=intent.repository,
+                pr_number=intent.pr_number,
+                labels=intent.labels_removed,
+            )
+            if note is not None:
+                reason = f"{reason}; {note}"
+            await self._insert(conn, delivery, "ignored", reason)
+        return _Reply(delivery, "ignored", reason)
 
     async def _on_start(self, delivery: Delivery, intent: Intent) -> _Reply:
         trigger = intent.trigger

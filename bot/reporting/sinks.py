@@ -41,6 +41,7 @@ from bot.reporting.targets import (
     GITLAB_STATUS,
     Target,
 )
+from bot.reporting.texts import marked_comment
 
 log = logging.getLogger(__name__)
 
@@ -255,15 +256,16 @@ def _remote_comment_id(state: SinkState | None) -> int | None:
 class ReplySink(_ForgeSink):
     """Posts a new comment for chat-ops (`*.reply`).
 
-    The body ends with a hidden marker. A retry first looks for it among KubeCI's own
-    comments, so a reply whose response was lost is not posted twice.
+    The body starts with a hidden marker, and a reply too long for the forge is cut
+    after it. A retry first looks for the marker among KubeCI's own comments, so a reply
+    whose response was lost is not posted twice.
     """
 
     async def _send(self, row: OutboxRow, state: SinkState | None) -> SinkOutcome:
         target = Target.from_payload(row.payload)
         pr_number = read(row.payload, "pr_number", int)
         marker = read(row.payload, "marker", str)
-        body = f"{read(row.payload, 'body', str)}\n\n{marker}"
+        body = marked_comment(marker, read(row.payload, "body", str), target.forge)
         thread = self._thread(target, pr_number)
         if row.attempts > 1:
             found = await thread.find(marker, await thread.own_login(), anywhere=True)

@@ -18,6 +18,22 @@ def status_description_limit(forge: str) -> int:
     return gitlab.STATUS_DESCRIPTION_MAX_CHARS
 
 
+def comment_limit(forge: str) -> int:
+    """Return the longest comment (GitHub) or note (GitLab) body the forge stores."""
+    if forge == "github":
+        return github.COMMENT_MAX_CHARS
+    return gitlab.NOTE_MAX_CHARS
+
+
+def marked_comment(marker: str, text: str, forge: str) -> str:
+    """Put `marker` first and cut `text` after it, so the body fits the forge's limit.
+
+    The forge clients cut an overlong body at its end, and a marker there was lost.
+    """
+    room_chars = comment_limit(forge) - len(marker) - 1
+    return f"{marker}\n{truncate_text(text, room_chars)}"
+
+
 def one_line(text: str) -> str:
     """Collapse every run of whitespace, newlines included, into one space."""
     return " ".join(text.split())

@@ -304,6 +304,7 @@ class FakeGitLab(FakeServer):
         return web.json_response({"id": next(self._ids), **award}, status=201)
 
     async def get_user(self, request: web.Request) -> web.Response:
+        """Return the token's own user, `bot_user`."""
         self._authorize(request)
         return web.json_response({**self.bot_user, "state": "active", "bot": True})
 
