@@ -16,6 +16,7 @@ import pytest
 
 from bot.actions.base import AttemptResult
 from bot.engine.core import RunRequest
+from bot.engine.rows import counter_shards
 from pipelines_schema.loader import load_pipeline
 from tests.harness import Harness, fast_settings, running_core
 
@@ -72,8 +73,13 @@ async def events(core: Harness, run_id: int) -> list[tuple[str, str, str]]:
     return await core.events(run_id)
 
 
+@pytest.mark.parametrize(("started", "shards"), [(1, 1), (7, 1), (16, 2), (100, 12), (1000, 16)])
+def test_counter_shards_by_step_size(started: int, shards: int) -> None:
+    assert counter_shards(started) == shards
+
+
 async def test_counter_concurrent_successes_decide_once(core: Harness) -> None:
-    names = [f"t{i}" for i in range(20)]
+    names = [f"t{i}" for i in range(40)]
     run_id = await start(
         core, step_yaml("first", [(n, "") for n in names]), step_yaml("second", [("last", "")])
     )
@@ -88,10 +94,12 @@ async def test_counter_concurrent_successes_decide_once(core: Harness) -> None:
     assert found.index(("step", "succeeded", "first")) > found.index(("task", "complete", "t0"))
     assert found.index(("step", "succeeded", "first")) < last_task_event  # "last" started
     counters = await core.pool.fetch(
-        "SELECT s.name, c.unfinished FROM step_counters c JOIN steps s ON s.id = c.step_id"
-        " ORDER BY s.position"
+        "SELECT s.name, count(*) AS shards, sum(c.unfinished) AS unfinished"
+        " FROM step_counters c JOIN steps s ON s.id = c.step_id"
+        " GROUP BY s.name, s.position ORDER BY s.position"
     )
-    assert [(row["name"], row["unfinished"]) for row in counters] == [("first", 0), ("second", 1)]
+    found_counters = [(row["name"], row["shards"], row["unfinished"]) for row in counters]
+    assert found_counters == [("first", counter_shards(40), 0), ("second", 1, 1)]
 
 
 async def test_counter_step_events_follow_every_task(core: Harness) -> None:

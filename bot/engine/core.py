@@ -4,8 +4,7 @@ Every public method takes a connection inside a transaction and makes one state 
 with all its consequences (events, notifier rows, the next step, the run's outcome), so
 the caller's commit makes them durable together. Decisions inside one job are
 serialised by locking the job's row; the run's row is locked when a job ends. A task's
-completion without a step handler or a retry locks only its task, and the step is
-decided by the completion that ends its last task (see `complete_attempt`).
+completion without a step handler or a retry locks only its task (see `complete_attempt`).
 
 Outcome rules:
 - A step waits for its tasks and succeeds when every task that ran succeeded or allows
@@ -324,7 +323,7 @@ class Engine:
             run=run, job_id=job_id, job=job["name"], step_id=step["id"], step=step["name"]
         )
         await self._emit(conn, scope, "started", step["spec"].get("notifiers", ()), state="running")
-        started = 0
+        to_start = []
         for task, model in zip(
             await rows.fetch_step_tasks(conn, step["id"]), steps[position].tasks, strict=True
         ):
@@ -333,17 +332,22 @@ class Engine:
                     conn, "tasks", task["id"], "skipped", message="rules did not match"
                 )
                 continue
-            await self._start_task(conn, scope, task)
-            started += 1
-        if started:
-            await rows.start_step_counter(conn, step["id"], started)
-            # One wake-up per step: Postgres would fold a notification per task into one.
-            await notify(conn, "attempts")
-        else:
+            to_start.append(task)
+        if not to_start:
             await self._decide_step(conn, run, step["id"], "succeeded", decided_by="default")
+            return
+        shards = rows.counter_shards(len(to_start))
+        for index, task in enumerate(to_start):
+            await self._start_task(conn, scope, task, index % shards)
+        await rows.start_step_counters(conn, step["id"], len(to_start), shards)
+        # One wake-up per step: Postgres would fold a notification per task into one.
+        await notify(conn, "attempts")
 
-    async def _start_task(self, conn: Connection, step_scope: Scope, task: asyncpg.Record) -> None:
-        await rows.set_state(conn, "tasks", task["id"], "running", extra={"attempts": 1})
+    async def _start_task(
+        self, conn: Connection, step_scope: Scope, task: asyncpg.Record, shard: int
+    ) -> None:
+        extra = {"attempts": 1, "counter_shard": shard}
+        await rows.set_state(conn, "tasks", task["id"], "running", extra=extra)
         await conn.execute(
             "INSERT INTO attempts (task_id, number, state, due_at) VALUES ($1, 1, 'queued', now())",
             task["id"],
@@ -391,12 +395,14 @@ class Engine:
         or another process completed it first) or, with `owner`, when that process no
         longer holds its lease.
 
-        Most completions end a task that has no step handler, and the step still waits
-        for other tasks. Those run without the job's lock: they lock the task and count
-        it on `step_counters`, so completions of one step run in parallel. A completion
-        that needs the job's lock (a step handler, a retry, a step counter reaching 0
-        while another transaction holds the lock) rolls back to a savepoint and runs
-        again under the lock. `conn` must be inside a transaction.
+        Most completions end a task that has no step handler while the step still waits
+        for other tasks. Those run without the job's lock: they lock the task and
+        decrement its shard of `step_counters`, so completions of one step run in
+        parallel. A completion that brings its shard to 0 locks the job (NOWAIT) and
+        decides the step by default if no task it waits for is still active. A
+        completion that needs the job's lock otherwise (a step handler, a retry, a job
+        lock held by another transaction) rolls back to a savepoint and runs again under
+        the lock. `conn` must be inside a transaction.
         """
         ids = await rows.attempt_owner_ids(conn, attempt_id)
         if ids is None:
@@ -557,9 +563,9 @@ class Engine:
                 conn, scope.run, scope.step_id, decision, decided_by=f"{task['name']}:{handler}"
             )
             return
-        remaining = await rows.end_counted_task(conn, scope.step_id)
+        remaining = await rows.end_counted_task(conn, scope.step_id, task["counter_shard"])
         if remaining is not None and remaining > 0:
-            return  # the step still waits for other tasks, which will decide it
+            return  # the step still waits for tasks of this shard, and they decide it
         if unlocked is not None:
             if remaining is None:
                 raise _NeedsJobLock

@@ -99,26 +99,42 @@ async def cancel_task_row(conn: Connection, task_id: int, message: str) -> bool:
     return done is not None
 
 
-async def start_step_counter(conn: Connection, step_id: int, unfinished: int) -> None:
-    """Store how many started tasks the step waits for (see `end_counted_task`)."""
-    await conn.execute(
-        "INSERT INTO step_counters (step_id, unfinished) VALUES ($1, $2)"
-        " ON CONFLICT (step_id) DO UPDATE SET unfinished = EXCLUDED.unfinished",
-        step_id,
-        unfinished,
+# A step's counter is split into shards of about TASKS_PER_SHARD tasks, at most
+# MAX_SHARDS, so that concurrent completions of a large step do not all queue on one
+# row lock, while a small step keeps one shard and so one completion that locks the job.
+TASKS_PER_SHARD = 8
+MAX_SHARDS = 16
+
+
+def counter_shards(started: int) -> int:
+    """Return how many counter shards a step with `started` tasks gets."""
+    return max(1, min(MAX_SHARDS, started // TASKS_PER_SHARD))
+
+
+async def start_step_counters(conn: Connection, step_id: int, started: int, shards: int) -> None:
+    """Store the step's counters: task number i of `started` counts on shard i % shards."""
+    counts = [started // shards + (1 if shard < started % shards else 0) for shard in range(shards)]
+    await conn.executemany(
+        "INSERT INTO step_counters (step_id, shard, unfinished) VALUES ($1, $2, $3)"
+        " ON CONFLICT (step_id, shard) DO UPDATE SET unfinished = EXCLUDED.unfinished",
+        [(step_id, shard, count) for shard, count in enumerate(counts)],
     )
 
 
-async def end_counted_task(conn: Connection, step_id: int) -> int | None:
-    """Count one of the step's tasks as ended; return how many it still waits for.
+async def end_counted_task(conn: Connection, step_id: int, shard: int | None) -> int | None:
+    """Count one of the step's tasks as ended; return what its shard still waits for.
 
-    Returns None for a step without a counter. The counter's row lock is held until
-    commit, so the completion that reads 0 knows that every other one has committed.
+    Returns None for a task without a shard (started before step counters existed).
+    The shard's row lock is held until commit, so the completion that reads 0 knows that
+    the other tasks of its shard have committed.
     """
+    if shard is None:
+        return None
     remaining = await conn.fetchval(
-        "UPDATE step_counters SET unfinished = unfinished - 1 WHERE step_id = $1"
-        " RETURNING unfinished",
+        "UPDATE step_counters SET unfinished = unfinished - 1"
+        " WHERE step_id = $1 AND shard = $2 RETURNING unfinished",
         step_id,
+        shard,
     )
     return None if remaining is None else int(remaining)
 
