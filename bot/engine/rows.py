@@ -100,8 +100,8 @@ async def cancel_task_row(conn: Connection, task_id: int, message: str) -> bool:
 
 
 # A step's counter is split into shards of about TASKS_PER_SHARD tasks, at most
-# MAX_SHARDS, so that concurrent completions of a large step do not all queue on one
-# row lock, while a small step keeps one shard and so one completion that locks the job.
+# MAX_SHARDS, so concurrent completions of a large step do not all queue on one row lock.
+# A small step keeps one shard, so only its last completion locks the job.
 TASKS_PER_SHARD = 8
 MAX_SHARDS = 16
 
@@ -125,8 +125,8 @@ async def end_counted_task(conn: Connection, step_id: int, shard: int | None) ->
     """Count one of the step's tasks as ended; return what its shard still waits for.
 
     Returns None for a task without a shard (started before step counters existed).
-    The shard's row lock is held until commit, so the completion that reads 0 knows that
-    the other tasks of its shard have committed.
+    The shard's row lock is held until commit, so the completion that reads 0 runs after
+    every other task of its shard has committed.
     """
     if shard is None:
         return None

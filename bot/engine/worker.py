@@ -331,8 +331,8 @@ class Worker:
 
     async def _context(self, row: AttemptRow, action: Action) -> AttemptContext:
         uses_callback = action.uses_callback
-        # An action may say per task whether it needs a token (the webhook action does
-        # only in async mode), which spares a committed INSERT per attempt.
+        # An action may decide per task whether it needs a token (the webhook action
+        # needs one only in async mode), which spares a committed INSERT per attempt.
         needs_callback = getattr(action, "needs_callback", None)
         if uses_callback and needs_callback is not None:
             uses_callback = bool(needs_callback(row["task_spec"].get("arguments", {})))
