@@ -80,7 +80,7 @@ async def run_benchmarks(
             chosen[f"limit_{mode}"] = _http_limit(mode, sizes.load, logs)
         chosen["limit_claim"] = lambda dsn, _n: claim_limit(dsn, sizes.claim)
     if "intake" in only:
-        chosen["intake"] = lambda dsn, n: intake(dsn, sizes.load, logs, n)
+        chosen["intake"] = lambda dsn, n: intake(dsn, sizes.load, logs, n, profile)
     if "scheduler" in only:
         chosen["scheduler"] = lambda dsn, n: scheduler(dsn, sizes.scheduler, logs, n, profile)
     if "memory" in only:
@@ -130,7 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="record py-spy flame graphs of the scheduler's worker (slows it down)",
+        help="record py-spy profiles of `kubeci serve` in the intake and scheduler (slows it)",
     )
     parser.add_argument("--out", default=str(BENCH_DIR / "out"), help="folder for JSON and logs")
     parser.add_argument(

@@ -21,7 +21,7 @@ from bench.fakegithub import FakeGitHub
 from bench.kubeci import Served, kubeci_serve
 from bench.load import LoadShape, send_load
 from bench.payloads import PushDeliveries
-from bench.procs import CpuClock
+from bench.procs import CpuClock, py_spy
 
 WEBHOOK_PATH = "/webhooks/github"
 SECRET = "bench-webhook-secret"
@@ -69,8 +69,13 @@ async def probe_intake(served: Served, deliveries: PushDeliveries) -> str:
         return f"{UNAVAILABLE}: a signed ping got HTTP {response.status}: {text}"
 
 
-async def intake(dsn: str, shape: LoadShape, log_dir: Path, run: int = 1) -> dict[str, Any]:
-    """Accepted deliveries/s and latency; {"skipped": reason} when there is no intake."""
+async def intake(
+    dsn: str, shape: LoadShape, log_dir: Path, run: int = 1, profile: bool = False
+) -> dict[str, Any]:
+    """Accepted deliveries/s and latency; {"skipped": reason} when there is no intake.
+
+    With `profile`, record py-spy's collapsed stacks of `kubeci serve` while the load runs.
+    """
     github = await FakeGitHub(REPOSITORY, PIPELINE).start()
     deliveries = PushDeliveries(SECRET, REPOSITORY)
     try:
@@ -81,8 +86,10 @@ async def intake(dsn: str, shape: LoadShape, log_dir: Path, run: int = 1) -> dic
                 return {"skipped": reason}
             clock = CpuClock({"server": served.process.pid})
             url = served.base_url + WEBHOOK_PATH
-            result = await send_load(url, deliveries.delivery, shape, clock.start)
-            cores = clock.cores_used()
+            svg_path = log_dir.parent / f"intake-profile-{run}.txt" if profile else None
+            async with py_spy(served.process.pid, svg_path):
+                result = await send_load(url, deliveries.delivery, shape, clock.start)
+                cores = clock.cores_used()
             served.process.check_alive()
     finally:
         await github.close()

@@ -177,7 +177,10 @@ async def wait_http(running: Child, url: str, timeout_s: float = 30.0) -> None:
 
 @contextlib.asynccontextmanager
 async def py_spy(pid: int, svg_path: Path | None) -> AsyncIterator[None]:
-    """Record a py-spy flame graph of process `pid` to `svg_path` (None: do nothing)."""
+    """Record a py-spy flame graph of process `pid` to `svg_path` (None: do nothing).
+
+    A path ending in `.txt` gets collapsed stacks (`--format raw`), one line per stack.
+    """
     if svg_path is None:
         yield
         return
@@ -192,6 +195,8 @@ async def py_spy(pid: int, svg_path: Path | None) -> AsyncIterator[None]:
         str(pid),
         "--rate",
         "100",
+        "--format",
+        "raw" if svg_path.suffix == ".txt" else "flamegraph",
         "--output",
         str(svg_path),
         stdin=asyncio.subprocess.DEVNULL,

@@ -103,7 +103,7 @@ async def scheduler(
     try:
         async with kubeci_serve(dsn, log_dir / f"scheduler-serve-{run}.log") as served:
             clock = CpuClock({"worker": served.process.pid, "bench": os.getpid()})
-            svg_path = log_dir.parent / f"scheduler-profile-{run}.svg" if profile else None
+            svg_path = log_dir.parent / f"scheduler-profile-{run}.txt" if profile else None
             async with py_spy(served.process.pid, svg_path):
                 clock.start()
                 began = time.perf_counter()

@@ -153,6 +153,30 @@ class WebhookAction:
 
     def __init__(self, settings: Settings, session_factory: SessionFactory | None = None) -> None:
         self._session_factory = session_factory or (lambda: make_session(settings))
+        # One session for every attempt, so requests to a target reuse its connections.
+        # It is opened on first use, and again after `close`.
+        self._shared: aiohttp.ClientSession | None = None
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self._shared is None or self._shared.closed:
+            self._shared = self._session_factory()
+        return self._shared
+
+    async def close(self) -> None:
+        """Close the shared HTTP session; the next attempt opens a new one."""
+        if self._shared is not None:
+            await self._shared.close()
+            self._shared = None
+
+    def needs_callback(self, arguments: Mapping[str, Any]) -> bool:
+        """Whether an attempt with these unrendered arguments needs a callback token.
+
+        Async mode needs one. So does any argument that names ${callback_url}. A mode
+        that is a placeholder counts as async, since its value is not known yet.
+        """
+        if arguments.get("mode", "sync") != "sync":
+            return True
+        return "callback_url" in json.dumps(arguments)
 
     async def execute(self, ctx: AttemptContext) -> AttemptResult:
         try:
@@ -200,12 +224,9 @@ class WebhookAction:
             total=request.request_timeout_s, connect=request.connect_timeout_s
         )
         started = time.monotonic()
-        async with (
-            self._session_factory() as session,
-            session.request(
-                request.method, request.url, headers=headers, data=data, timeout=timeout
-            ) as response,
-        ):
+        async with self._session().request(
+            request.method, request.url, headers=headers, data=data, timeout=timeout
+        ) as response:
             body = await read_bounded(response.content, READ_MAX_BYTES)
             elapsed_ms = int((time.monotonic() - started) * 1000)
             return _Response(response.status, CIMultiDict(response.headers), body, elapsed_ms)

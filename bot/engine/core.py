@@ -2,8 +2,9 @@
 
 Every public method takes a connection inside a transaction and makes one state change
 with all its consequences (events, notifier rows, the next step, the run's outcome), so
-the caller's commit makes them durable together. Changes inside one job are serialised
-by locking the job's row; the run's row is locked when a job ends.
+the caller's commit makes them durable together. Decisions inside one job are
+serialised by locking the job's row; the run's row is locked when a job ends. A task's
+completion without a step handler or a retry locks only its task (see `complete_attempt`).
 
 Outcome rules:
 - A step waits for its tasks and succeeds when every task that ran succeeded or allows
@@ -83,6 +84,46 @@ def retry_delay_s(
     if retry_after_s is not None:
         delay_s = max(delay_s, min(retry_after_s, MAX_RETRY_AFTER_S))
     return min(delay_s, MAX_RETRY_DELAY_S)
+
+
+_UNLOCKED_SAVEPOINT = "completion_without_job_lock"
+
+
+class _NeedsJobLock(Exception):
+    """The completion must be recorded again under the job's lock."""
+
+
+@dataclass
+class _Completion:
+    """An attempt's outcome as handed to `Engine.complete_attempt`."""
+
+    attempt_id: int
+    task_id: int
+    result: AttemptResult
+    owner: str | None
+    cancelled: bool
+    # True while the work runs inside _UNLOCKED_SAVEPOINT and can still be rolled back.
+    in_savepoint: bool = False
+
+
+def _can_retry(task: asyncpg.Record, result: AttemptResult) -> bool:
+    return bool(
+        result.retryable and task["attempts"] < task["max_attempts"] and not task["detached"]
+    )
+
+
+def _step_handler(task: asyncpg.Record, outcome: str) -> str | None:
+    """Return the task's handler for `outcome` when it decides the step, else None."""
+    handler = task["spec"].get("event_handlers", {}).get(outcome)
+    return handler if handler in ("set_step_success", "set_step_failure") else None
+
+
+def _needs_job_lock(task: asyncpg.Record, state: str, result: AttemptResult) -> bool:
+    """Whether recording `state` for a running task's attempt needs the job's lock: a
+    retry, or an outcome with a step handler."""
+    if state == "failed" and _can_retry(task, result):
+        return True
+    return not task["detached"] and _step_handler(task, state) is not None
 
 
 def storable(result: AttemptResult) -> AttemptResult:
@@ -282,7 +323,7 @@ class Engine:
             run=run, job_id=job_id, job=job["name"], step_id=step["id"], step=step["name"]
         )
         await self._emit(conn, scope, "started", step["spec"].get("notifiers", ()), state="running")
-        started = 0
+        to_start = []
         for task, model in zip(
             await rows.fetch_step_tasks(conn, step["id"]), steps[position].tasks, strict=True
         ):
@@ -291,16 +332,22 @@ class Engine:
                     conn, "tasks", task["id"], "skipped", message="rules did not match"
                 )
                 continue
-            await self._start_task(conn, scope, task)
-            started += 1
-        if started:
-            # One wake-up per step: Postgres would fold a notification per task into one.
-            await notify(conn, "attempts")
-        else:
+            to_start.append(task)
+        if not to_start:
             await self._decide_step(conn, run, step["id"], "succeeded", decided_by="default")
+            return
+        shards = rows.counter_shards(len(to_start))
+        for index, task in enumerate(to_start):
+            await self._start_task(conn, scope, task, index % shards)
+        await rows.start_step_counters(conn, step["id"], len(to_start), shards)
+        # One wake-up per step: Postgres would fold a notification per task into one.
+        await notify(conn, "attempts")
 
-    async def _start_task(self, conn: Connection, step_scope: Scope, task: asyncpg.Record) -> None:
-        await rows.set_state(conn, "tasks", task["id"], "running", extra={"attempts": 1})
+    async def _start_task(
+        self, conn: Connection, step_scope: Scope, task: asyncpg.Record, shard: int
+    ) -> None:
+        extra = {"attempts": 1, "counter_shard": shard}
+        await rows.set_state(conn, "tasks", task["id"], "running", extra=extra)
         await conn.execute(
             "INSERT INTO attempts (task_id, number, state, due_at) VALUES ($1, 1, 'queued', now())",
             task["id"],
@@ -347,54 +394,90 @@ class Engine:
         Returns False, changing nothing, when the attempt is no longer active (a callback
         or another process completed it first) or, with `owner`, when that process no
         longer holds its lease.
+
+        Most completions end a task that has no step handler while the step still waits
+        for other tasks. Those run without the job's lock: they lock the task and
+        decrement its shard of `step_counters`, so completions of one step run in
+        parallel. A completion that brings its shard to 0 locks the job (NOWAIT) and
+        decides the step by default if no task it waits for is still active. A
+        completion that needs the job's lock otherwise (a step handler, a retry, a job
+        lock held by another transaction) rolls back to a savepoint and runs again under
+        the lock. `conn` must be inside a transaction.
         """
         ids = await rows.attempt_owner_ids(conn, attempt_id)
         if ids is None:
             return False
         result = storable(result)
-        # Completions of one job queue on its lock: read what does not change before it.
-        run = await self.run_info(conn, ids["run_id"])
         step_scope = Scope(
-            run=run,
+            run=RunInfo.from_row(ids, self.run_url(ids["run_id"])),
             job_id=ids["job_id"],
             job=ids["job_name"],
             step_id=ids["step_id"],
             step=ids["step_name"],
         )
+        completion = _Completion(attempt_id, ids["task_id"], result, owner, cancelled)
+        await conn.execute(f"SAVEPOINT {_UNLOCKED_SAVEPOINT}")
+        completion.in_savepoint = True
+        try:
+            return await self._record_completion(conn, step_scope, completion, job_locked=False)
+        except (_NeedsJobLock, asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError) as exc:
+            if not completion.in_savepoint:
+                raise
+            log.debug(
+                "completion needs the job's lock (%s)",
+                type(exc).__name__,
+                extra={"attempt_id": attempt_id, "run_id": ids["run_id"]},
+            )
+        # Release the savepoint too: what follows must run in the top-level transaction,
+        # because the reporter detects its own outbox rows by the transaction id.
+        await conn.execute(
+            f"ROLLBACK TO SAVEPOINT {_UNLOCKED_SAVEPOINT}; RELEASE SAVEPOINT {_UNLOCKED_SAVEPOINT}"
+        )
+        completion.in_savepoint = False
         await rows.lock_job(conn, ids["job_id"])
-        attempt = await conn.fetchrow("SELECT * FROM attempts WHERE id = $1 FOR UPDATE", attempt_id)
+        return await self._record_completion(conn, step_scope, completion, job_locked=True)
+
+    async def _record_completion(
+        self, conn: Connection, step_scope: Scope, completion: _Completion, *, job_locked: bool
+    ) -> bool:
+        """Record the attempt's outcome; without `job_locked`, raise _NeedsJobLock when
+        the outcome needs the job's lock."""
+        task = await rows.lock_task(conn, completion.task_id)
+        attempt = await conn.fetchrow(
+            "SELECT * FROM attempts WHERE id = $1 FOR UPDATE", completion.attempt_id
+        )
         assert attempt is not None
         if attempt["state"] not in ("running", "waiting"):
             return False
+        owner = completion.owner
         if owner is not None and (attempt["state"] != "running" or attempt["lease_owner"] != owner):
             return False
-        state = "cancelled" if cancelled else result.outcome
+        result = completion.result
+        state = "cancelled" if completion.cancelled else result.outcome
+        if not job_locked and task["state"] == "running" and _needs_job_lock(task, state, result):
+            raise _NeedsJobLock
+        # One statement ends the attempt and uses up its callback tokens.
         await conn.execute(
-            "UPDATE attempts SET state = $2, finished_at = now(), message = $3,"
+            "WITH used AS (UPDATE callbacks SET used_at = coalesce(used_at, now())"
+            " WHERE attempt_id = $1)"
+            " UPDATE attempts SET state = $2, finished_at = now(), message = $3,"
             " response_status = coalesce($4, response_status),"
             " response_excerpt = coalesce($5, response_excerpt),"
             " lease_owner = NULL, lease_expires_at = NULL WHERE id = $1",
-            attempt_id,
+            completion.attempt_id,
             state,
             result.message,
             result.response_status,
             result.response_excerpt,
         )
-        await conn.execute(
-            "UPDATE callbacks SET used_at = coalesce(used_at, now()) WHERE attempt_id = $1",
-            attempt_id,
-        )
-        task = await rows.fetch_task(conn, ids["task_id"])
         if task["state"] != "running":
             return True  # the task was cancelled or ended already; the attempt is only recorded
         scope = self._task_scope(step_scope, task)
-        if state == "cancelled":
-            await self._end_task(conn, scope, task, "cancelled", result.message)
+        unlocked = None if job_locked else completion
+        if state in ("cancelled", "succeeded"):
+            await self._end_task(conn, scope, task, state, result.message, unlocked=unlocked)
             return True
-        if state == "succeeded":
-            await self._end_task(conn, scope, task, "succeeded", result.message)
-            return True
-        await self._attempt_failed(conn, scope, task, attempt, result)
+        await self._attempt_failed(conn, scope, task, attempt, result, unlocked=unlocked)
         return True
 
     async def _attempt_failed(
@@ -404,6 +487,8 @@ class Engine:
         task: asyncpg.Record,
         attempt: asyncpg.Record,
         result: AttemptResult,
+        *,
+        unlocked: _Completion | None,
     ) -> None:
         notifiers = task["spec"].get("notifiers", ())
         await self._emit(
@@ -415,11 +500,8 @@ class Engine:
             message=result.message,
             attempt=attempt["number"],
         )
-        can_retry = (
-            result.retryable and task["attempts"] < task["max_attempts"] and not task["detached"]
-        )
-        if not can_retry:
-            await self._end_task(conn, scope, task, "failed", result.message)
+        if not _can_retry(task, result):
+            await self._end_task(conn, scope, task, "failed", result.message, unlocked=unlocked)
             return
         backoff = task["spec"].get("backoff", {})
         delay_s = retry_delay_s(attempt["number"], backoff, result.retry_after_s)
@@ -449,8 +531,13 @@ class Engine:
         task: asyncpg.Record,
         outcome: str,
         message: str,
+        *,
+        unlocked: _Completion | None = None,
     ) -> None:
-        """Set a task's final state, emit its events and apply its event handler."""
+        """Set a task's final state, emit its events and apply its event handler.
+
+        `unlocked` is the completion when it runs without the job's lock.
+        """
         await rows.set_state(conn, "tasks", task["id"], outcome, message=message)
         notifiers = task["spec"].get("notifiers", ())
         if outcome in ("succeeded", "failed"):
@@ -467,14 +554,29 @@ class Engine:
                 conn, scope, task["spec"], outcome, "the step had ended"
             )
             return
-        handler = task["spec"].get("event_handlers", {}).get(outcome)
-        assert scope.step_id is not None
-        if handler in ("set_step_success", "set_step_failure"):
+        handler = _step_handler(task, outcome)
+        assert scope.step_id is not None and scope.job_id is not None
+        if handler is not None:
+            assert unlocked is None, "a step handler is applied under the job's lock"
             decision = "succeeded" if handler == "set_step_success" else "failed"
             await self._decide_step(
                 conn, scope.run, scope.step_id, decision, decided_by=f"{task['name']}:{handler}"
             )
             return
+        remaining = await rows.end_counted_task(conn, scope.step_id, task["counter_shard"])
+        if remaining is not None and remaining > 0:
+            return  # the step still waits for tasks of this shard, and they decide it
+        if unlocked is not None:
+            if remaining is None:
+                raise _NeedsJobLock
+            # NOWAIT: this transaction holds the task's row, and a holder of the job's
+            # lock may be waiting for it to cancel the task.
+            await rows.lock_job(conn, scope.job_id, nowait=True)
+            # The decision may finish the job and the run, and the reporter recognises
+            # the outbox rows of the current transaction by their xmin, which differs
+            # inside a savepoint. So the rest runs in the top-level transaction.
+            await conn.execute(f"RELEASE SAVEPOINT {_UNLOCKED_SAVEPOINT}")
+            unlocked.in_savepoint = False
         await self._decide_step_by_default(conn, scope.run, scope.step_id)
 
     async def _record_ignored_handler(
@@ -566,14 +668,20 @@ class Engine:
             if task["state"] not in rows.ACTIVE_STATES or task["detached"]:
                 continue
             if not task["interruptible"]:
-                await conn.execute("UPDATE tasks SET detached = true WHERE id = $1", task["id"])
+                # The state check runs again if a completion ended the task meanwhile.
+                await conn.execute(
+                    "UPDATE tasks SET detached = true WHERE id = $1"
+                    " AND state IN ('pending', 'running')",
+                    task["id"],
+                )
                 continue
             await self._cancel_task(conn, self._task_scope(step_scope, task), task, reason)
 
     async def _cancel_task(
         self, conn: Connection, scope: Scope, task: asyncpg.Record, reason: str
     ) -> None:
-        await rows.set_state(conn, "tasks", task["id"], "cancelled", message=reason)
+        if not await rows.cancel_task_row(conn, task["id"], reason):
+            return  # a completion without the job's lock ended the task first
         # Queued and parked attempts end here. A running one is stopped by the worker
         # running it, which sees cancel_requested on its next heartbeat or NOTIFY.
         await conn.execute(
@@ -683,7 +791,7 @@ class Engine:
         # Lock every job first, in id order: ending a job locks its run, and a worker that
         # holds one of the later jobs while waiting for that run would otherwise deadlock.
         await conn.execute(
-            "SELECT id FROM jobs WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE",
+            "SELECT id FROM jobs WHERE id = ANY($1::bigint[]) ORDER BY id FOR NO KEY UPDATE",
             list(job_ids),
         )
         cancelled = 0

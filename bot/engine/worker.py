@@ -148,6 +148,7 @@ class Worker:
                 loop.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
             await self._unlisten()
+            await self._close_actions()
             log.info("worker stopped", extra=self.log_extra)
 
     async def stop(self, grace_s: float = 10.0) -> None:
@@ -179,6 +180,14 @@ class Worker:
                         self.worker_id,
                     )
                 log.info("handed back %d lease(s)", len(handed_back), extra=self.log_extra)
+
+    async def _close_actions(self) -> None:
+        """Close what actions keep open between attempts, such as the webhook action's
+        HTTP session. An action used again afterwards opens it anew."""
+        for action in self.actions.values():
+            close = getattr(action, "close", None)
+            if close is not None:
+                await close()
 
     async def _listen(self) -> None:
         try:
@@ -321,10 +330,16 @@ class Worker:
         return AttemptRow(record=dict(record), recovered=recovered)
 
     async def _context(self, row: AttemptRow, action: Action) -> AttemptContext:
+        uses_callback = action.uses_callback
+        # An action may decide per task whether it needs a token (the webhook action
+        # needs one only in async mode), which spares a committed INSERT per attempt.
+        needs_callback = getattr(action, "needs_callback", None)
+        if uses_callback and needs_callback is not None:
+            uses_callback = bool(needs_callback(row["task_spec"].get("arguments", {})))
         return await build_context(
             self.pool,
             row,
-            uses_callback=action.uses_callback,
+            uses_callback=uses_callback,
             secrets=self.secrets,
             callback_base_url=self.engine.settings.callback_base_url,
             run_url=self.engine.run_url(row["run_id"]),

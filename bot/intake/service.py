@@ -28,7 +28,9 @@ nothing on the forge anyway.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, runtime_checkable
@@ -76,6 +78,34 @@ _DELIVERY_HEADERS: Final = {
 _EVENT_HEADERS: Final = {"github": "x-github-event", "gitlab": "x-gitlab-event"}
 _KNOWN_EVENTS: Final = {"github": github.KNOWN_EVENTS, "gitlab": gitlab.KNOWN_EVENTS}
 _DATABASE_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+# Valid pipeline files kept decoded, keyed by name and SHA-256 of the content. Most pushes
+# leave the file unchanged, and validating it costs more than the rest of a delivery.
+PIPELINE_CACHE_ENTRIES: Final = 64
+
+
+class PipelineCache:
+    """A small LRU cache of `load_pipeline` results for valid files.
+
+    Pipelines are frozen dataclasses, so one decoded pipeline can serve many runs.
+    Invalid files are not cached: each delivery reports their problems afresh.
+    """
+
+    def __init__(self, max_entries: int = PIPELINE_CACHE_ENTRIES) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple[str, bytes], Pipeline] = OrderedDict()
+
+    def load(self, content: bytes, filename: str) -> Pipeline:
+        """Return the pipeline in `content`; raises PipelineError like `load_pipeline`."""
+        key = (filename, hashlib.sha256(content).digest())
+        pipeline = self._entries.get(key)
+        if pipeline is not None:
+            self._entries.move_to_end(key)
+            return pipeline
+        pipeline = load_pipeline(content, filename)
+        self._entries[key] = pipeline
+        if len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        return pipeline
 
 
 @dataclass(frozen=True)
@@ -307,6 +337,7 @@ class Intake:
         self.comment_handler = comment_handler
         self.on_config_error = on_config_error
         self.forge_budget_s = forge_budget_s
+        self.pipelines = PipelineCache()
 
     # ---- entry points -------------------------------------------------------------------
 
@@ -460,7 +491,7 @@ class Intake:
             return _Reply(delivery, "no_pipeline", reason)
         filename, content = found
         try:
-            pipeline = load_pipeline(content, filename)
+            pipeline = self.pipelines.load(content, filename)
         except PipelineError as exc:
             return await self._reject_pipeline(delivery, trigger, exc.problems)
         labels = trigger.labels()
@@ -613,7 +644,8 @@ class Intake:
     async def _store(
         self, delivery: Delivery, outcome: str, reason: str, *, keep_payload: bool = False
     ) -> int:
-        async with self.pool.acquire() as conn, conn.transaction():
+        # One statement commits on its own; an explicit transaction would add two round trips.
+        async with self.pool.acquire() as conn:
             return await self._insert(conn, delivery, outcome, reason, keep_payload=keep_payload)
 
     async def _insert(
