@@ -130,6 +130,28 @@ def fast_settings(database_dsn: str = "", **overrides: Any) -> Settings:
     return Settings(**values)
 
 
+def forge_settings(
+    database_dsn: str,
+    github_api_url: str,
+    gitlab_url: str,
+    *,
+    github_secret: str,
+    gitlab_secret: str,
+    **overrides: Any,
+) -> Settings:
+    """Fast settings for a service that talks to the fake GitHub and GitLab."""
+    return fast_settings(
+        database_dsn,
+        github_api_url=github_api_url,
+        github_token="ghp-test-token",
+        github_webhook_secret=github_secret,
+        gitlab_url=gitlab_url,
+        gitlab_token="glpat-test-token",
+        gitlab_webhook_secret=gitlab_secret,
+        **overrides,
+    )
+
+
 @contextlib.asynccontextmanager
 async def running_core(
     pool: asyncpg.Pool,

@@ -24,7 +24,7 @@ from tests.fakes import Scripted
 from tests.fakes.github import FakeGitHub
 from tests.fakes.gitlab import FakeGitLab
 from tests.fakes.target import FakeTarget
-from tests.harness import Harness, fast_settings, running_core
+from tests.harness import Harness, forge_settings, running_core
 
 GITHUB_SECRET = "gh-regression-secret"
 GITLAB_SECRET = "gl-regression-secret"
@@ -51,14 +51,12 @@ async def service(
     db: asyncpg.Pool, database_dsn: str, fake_github: FakeGitHub, fake_gitlab: FakeGitLab
 ) -> AsyncIterator[Harness]:
     fake_gitlab.add_project(GITLAB_PROJECT_ID, GITLAB_REPO)
-    settings = fast_settings(
+    settings = forge_settings(
         database_dsn,
-        github_api_url=fake_github.url,
-        github_token="ghp-test-token",
-        github_webhook_secret=GITHUB_SECRET,
-        gitlab_url=fake_gitlab.url,
-        gitlab_token="glpat-test-token",
-        gitlab_webhook_secret=GITLAB_SECRET,
+        fake_github.url,
+        fake_gitlab.url,
+        github_secret=GITHUB_SECRET,
+        gitlab_secret=GITLAB_SECRET,
     )
     async with running_core(db, settings, reporting=True) as harness:
         yield harness
