@@ -9,11 +9,10 @@ from typing import Any
 from bot.engine.core import Engine, RunRequest
 from bot.forges.clients import ForgeClients
 from bot.intake.events import Trigger
+from bot.intake.service import read_pipeline_file
 from bot.store.db import Connection
 from pipelines_schema.loader import PipelineError, Problem, load_pipeline
 from pipelines_schema.models import Pipeline
-
-PIPELINE_FILES = (".kubeci.yml", ".kubeci.yaml")
 
 
 @dataclass(frozen=True)
@@ -38,25 +37,15 @@ class PipelineLoader:
 
         Raises ForgeError when the forge fails.
         """
-        for filename in PIPELINE_FILES:
-            content = await self._get_file(trigger, filename)
-            if content is None:
-                continue
-            try:
-                pipeline = load_pipeline(content, filename)
-            except PipelineError as exc:
-                return LoadedPipeline(trigger.sha, filename, problems=exc.problems)
-            return LoadedPipeline(trigger.sha, filename, pipeline)
-        return LoadedPipeline(trigger.sha)
-
-    async def _get_file(self, trigger: Trigger, path: str) -> bytes | None:
-        if trigger.forge == "github":
-            client = self.forges.github()
-            if trigger.installation_id is not None:
-                client.remember_installation(trigger.repository, trigger.installation_id)
-            return await client.get_file(trigger.repository, path, trigger.sha)
-        project = trigger.project_id if trigger.project_id is not None else trigger.repository
-        return await self.forges.gitlab().get_file(project, path, trigger.sha)
+        found = await read_pipeline_file(self.forges, trigger)
+        if found is None:
+            return LoadedPipeline(trigger.sha)
+        filename, content = found
+        try:
+            pipeline = load_pipeline(content, filename)
+        except PipelineError as exc:
+            return LoadedPipeline(trigger.sha, filename, problems=exc.problems)
+        return LoadedPipeline(trigger.sha, filename, pipeline)
 
 
 def group_base(trigger: Trigger) -> str:

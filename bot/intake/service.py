@@ -83,6 +83,29 @@ _DATABASE_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, OSErro
 PIPELINE_CACHE_ENTRIES: Final = 64
 
 
+async def read_pipeline_file(forges: ForgeClients, trigger: Trigger) -> tuple[str, bytes] | None:
+    """Return the name and content of the pipeline file at the trigger's SHA, or None.
+
+    Reads `.kubeci.yml`, else `.kubeci.yaml`, through the forge API. Raises ForgeError
+    when the forge fails and ConfigError when it has no credentials.
+    """
+    for filename in PIPELINE_FILES:
+        content = await _get_file(forges, trigger, filename)
+        if content is not None:
+            return filename, content
+    return None
+
+
+async def _get_file(forges: ForgeClients, trigger: Trigger, path: str) -> bytes | None:
+    if trigger.forge == "github":
+        client = forges.github()
+        if trigger.installation_id is not None:
+            client.remember_installation(trigger.repository, trigger.installation_id)
+        return await client.get_file(trigger.repository, path, trigger.sha)
+    project = trigger.project_id if trigger.project_id is not None else trigger.repository
+    return await forges.gitlab().get_file(project, path, trigger.sha)
+
+
 class PipelineCache:
     """A small LRU cache of `load_pipeline` results for valid files.
 
@@ -512,23 +535,10 @@ class Intake:
         """
         try:
             async with asyncio.timeout_at(deadline):
-                for filename in PIPELINE_FILES:
-                    content = await self._get_file(trigger, filename)
-                    if content is not None:
-                        return filename, content
+                return await read_pipeline_file(self.forges, trigger)
         except (ForgeError, ConfigError, TimeoutError) as exc:
             what = f"reading {PIPELINE_FILES[0]} of {trigger.repository} at {trigger.sha}"
             raise _ForgeUnavailable(_forge_failure_message(what, exc, self.forge_budget_s)) from exc
-        return None
-
-    async def _get_file(self, trigger: Trigger, path: str) -> bytes | None:
-        if trigger.forge == "github":
-            client = self.forges.github()
-            if trigger.installation_id is not None:
-                client.remember_installation(trigger.repository, trigger.installation_id)
-            return await client.get_file(trigger.repository, path, trigger.sha)
-        project = trigger.project_id if trigger.project_id is not None else trigger.repository
-        return await self.forges.gitlab().get_file(project, path, trigger.sha)
 
     async def _decide_trust(self, trigger: Trigger, deadline: float) -> TrustDecision:
         try:
