@@ -86,6 +86,23 @@ def _env_changes(value: Any) -> dict[str, str | None]:
     return changes
 
 
+def checked_deployment_arguments(
+    ctx: AttemptContext, settings: Settings
+) -> DeploymentArguments | AttemptResult:
+    """Return the task's checked arguments, or the failure that ends the attempt at once:
+    an untrusted run, or invalid arguments. Both deployment backends start with this."""
+    refused = refuse_untrusted(
+        ctx, "kubernetes_deployment", "it would deploy code nobody with write access approved"
+    )
+    if refused is not None:
+        return refused
+    try:
+        return parse_deployment_arguments(ctx.arguments, settings)
+    except ArgumentError as exc:
+        log.info("invalid kubernetes_deployment arguments: %s", exc, extra=log_ids(ctx))
+        return AttemptResult.failure(f"kubernetes_deployment: {exc}", retryable=False)
+
+
 def parse_deployment_arguments(
     arguments: Mapping[str, Any], settings: Settings
 ) -> DeploymentArguments:
@@ -471,16 +488,9 @@ class KubernetesDeploymentAction:
         self.options = options or DeploymentActionOptions()
 
     async def execute(self, ctx: AttemptContext) -> AttemptResult:
-        refused = refuse_untrusted(
-            ctx, "kubernetes_deployment", "it would deploy code nobody with write access approved"
-        )
-        if refused is not None:
-            return refused
-        try:
-            args = parse_deployment_arguments(ctx.arguments, self.settings)
-        except ArgumentError as exc:
-            log.info("invalid kubernetes_deployment arguments: %s", exc, extra=log_ids(ctx))
-            return AttemptResult.failure(f"kubernetes_deployment: {exc}", retryable=False)
+        args = checked_deployment_arguments(ctx, self.settings)
+        if isinstance(args, AttemptResult):
+            return args
         try:
             api = KubeApi(
                 await self.api_client_factory(),

@@ -28,7 +28,7 @@ from typing import Any, Final
 from bot.actions.base import AttemptContext, AttemptResult, refuse_untrusted
 from bot.actions.kubernetes_deployment import (
     DeploymentArguments,
-    parse_deployment_arguments,
+    checked_deployment_arguments,
 )
 from bot.actions.kubernetes_job import (
     ArgumentError,
@@ -427,16 +427,9 @@ class LocalDeploymentAction:
         self.store = LocalDeploymentStore(Path(path))
 
     async def execute(self, ctx: AttemptContext) -> AttemptResult:
-        refused = refuse_untrusted(
-            ctx, "kubernetes_deployment", "it would deploy code nobody with write access approved"
-        )
-        if refused is not None:
-            return refused
-        try:
-            args = parse_deployment_arguments(ctx.arguments, self.settings)
-        except ArgumentError as exc:
-            log.info("invalid kubernetes_deployment arguments: %s", exc, extra=log_ids(ctx))
-            return AttemptResult.failure(f"kubernetes_deployment: {exc}", retryable=False)
+        args = checked_deployment_arguments(ctx, self.settings)
+        if isinstance(args, AttemptResult):
+            return args
         where = f"{args.namespace}/{args.name}"
         if "revision" in ctx.data:
             # An earlier execution of this attempt recorded the update already.
