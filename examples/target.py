@@ -60,7 +60,7 @@ async def call_back(url: str, delay_s: float, status: str) -> None:
         ClientSession(timeout=ClientTimeout(total=10)) as session,
         session.post(url, json=body) as response,
     ):
-        log.info("callback answered %d", response.status)
+        log.info("callback returned HTTP %d", response.status)
 
 
 async def async_job(request: web.Request) -> web.Response:

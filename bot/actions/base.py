@@ -25,7 +25,7 @@ Outcome = Literal["succeeded", "failed", "parked"]
 class AttemptResult:
     outcome: Outcome
     message: str = ""
-    # False for failures that another attempt cannot fix (a 4xx answer, a bad manifest).
+    # False for failures that another attempt cannot fix (a 4xx response, a bad manifest).
     retryable: bool = True
     # Lower bound on the wait before the next attempt (from Retry-After), in seconds.
     retry_after_s: float | None = None
@@ -47,7 +47,7 @@ class AttemptResult:
 
 @dataclass
 class AttemptContext:
-    """What an action knows about the attempt it runs."""
+    """Everything an action receives about the attempt it runs."""
 
     run_id: int
     job_name: str

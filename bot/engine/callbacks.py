@@ -1,8 +1,8 @@
 """Single-use callback tokens that let a webhook target or a pod complete its attempt.
 
 A token contains 256 random bits and is stored only as its SHA-256. It is valid while its
-attempt is running or parked and before its expiry; completing the attempt (by any
-means) uses up every token of that attempt.
+attempt is running or parked and before its expiry. Completing the attempt, by any
+means, uses up every token of that attempt.
 """
 
 from __future__ import annotations
@@ -75,9 +75,11 @@ async def complete_by_callback(
     report: CallbackReport,
     mask: Callable[[str], str],
 ) -> int | None:
-    """Complete the attempt that `token` belongs to; return its id, or None if the token
-    is unknown, used or expired, or the attempt's deadline has passed (nothing is
-    changed then). `mask` hides secret values that the caller's message repeats."""
+    """Complete the attempt that `token` belongs to and return its id.
+
+    Returns None, changing nothing, when the token is unknown, used or expired, or the
+    attempt's deadline has passed. `mask` hides secret values in the caller's message.
+    """
     async with pool.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(
             "SELECT c.attempt_id FROM callbacks c JOIN attempts a ON a.id = c.attempt_id"

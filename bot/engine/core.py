@@ -312,9 +312,11 @@ class Engine:
             )
             await conn.execute("UPDATE tasks SET state = 'skipped' WHERE step_id = $1", step["id"])
             position += 1
+
         if position >= len(steps):
             await self._finish_job(conn, run, job_id, "succeeded", decided_by="default")
             return
+
         step = await rows.fetch_step_at(conn, job_id, position)
         assert step is not None
         await conn.execute("UPDATE jobs SET current_step = $2 WHERE id = $1", job_id, position)
@@ -323,6 +325,7 @@ class Engine:
             run=run, job_id=job_id, job=job["name"], step_id=step["id"], step=step["name"]
         )
         await self._emit(conn, scope, "started", step["spec"].get("notifiers", ()), state="running")
+
         to_start = []
         for task, model in zip(
             await rows.fetch_step_tasks(conn, step["id"]), steps[position].tasks, strict=True
@@ -333,9 +336,11 @@ class Engine:
                 )
                 continue
             to_start.append(task)
+
         if not to_start:
             await self._decide_step(conn, run, step["id"], "succeeded", decided_by="default")
             return
+
         shards = rows.counter_shards(len(to_start))
         for index, task in enumerate(to_start):
             await self._start_task(conn, scope, task, index % shards)
@@ -627,6 +632,7 @@ class Engine:
                 message=f"{decided_by} ignored: the step is already {step['state']}",
             )
             return
+
         await rows.set_state(
             conn, "steps", step_id, outcome, message=message, extra={"decided_by": decided_by}
         )
@@ -634,6 +640,8 @@ class Engine:
         notifiers = step["spec"].get("notifiers", ())
         await self._emit(conn, scope, outcome, notifiers, state=outcome, message=message)
         await self._emit(conn, scope, "complete", notifiers, state=outcome, message=message)
+
+        # What follows the step: the job's handler, the default failure, or the next step.
         assert scope.job_id is not None
         job = await conn.fetchrow("SELECT * FROM jobs WHERE id = $1", scope.job_id)
         assert job is not None
@@ -683,7 +691,7 @@ class Engine:
         if not await rows.cancel_task_row(conn, task["id"], reason):
             return  # a completion without the job's lock ended the task first
         # Queued and parked attempts end here. A running one is stopped by the worker
-        # running it, which sees cancel_requested on its next heartbeat or NOTIFY.
+        # running it, which reads cancel_requested on its next heartbeat or NOTIFY.
         await conn.execute(
             "UPDATE attempts SET state = 'cancelled', finished_at = now(), message = $2"
             " WHERE task_id = $1 AND state IN ('queued', 'waiting')",

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RunInfo:
-    """What reporters and notifiers need to know about the run an event belongs to."""
+    """The run an event belongs to, as reporters and notifiers need it."""
 
     id: int
     url: str
@@ -90,7 +90,7 @@ EventHook = Callable[[Connection, Event, RunInfo], Awaitable[None]]
 
 @dataclass(frozen=True)
 class Scope:
-    """Where an event happens: ids and names of the run, job, step and task."""
+    """Location of an event: ids and names of its run, job, step and task."""
 
     run: RunInfo
     job_id: int | None = None

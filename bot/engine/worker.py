@@ -302,9 +302,9 @@ class Worker:
     async def _clean_up_cancelled(self, attempt_id: int) -> None:
         """End an attempt whose task was cancelled while no process ran it.
 
-        The attempt was recovered from a dead process's lease; the action's `cancel`
-        removes what that process left behind (a Kubernetes Job, say) without running
-        the attempt again.
+        The attempt was recovered from a dead process's lease. The action's `cancel`
+        removes what that process left behind, such as a Kubernetes Job, and the attempt
+        is not run again.
         """
         extra = {"attempt_id": attempt_id, **self.log_extra}
         try:

@@ -228,9 +228,9 @@ def _running_port(data_dir: Path) -> int | None:
 class EmbeddedPostgres:
     """Initialise (once), start and stop a private Postgres server in `data_dir`.
 
-    Several KubeCI processes may use one data folder at once. Each holds a shared
-    `flock` on `<data_dir>.lock` while it uses the server; the last one to stop (the one
-    that gets that lock exclusively) stops the server, whoever started it. A server left
+    Several KubeCI processes may use one data folder at once. Each takes a shared
+    `flock` on `<data_dir>.lock` while it uses the server. The last one to stop, which
+    gets that lock exclusively, stops the server even if another process started it. A server left
     running by a killed process is adopted the same way. Starting and stopping are
     serialised by an exclusive lock on `<data_dir>.start.lock`, so a process never
     reuses a server that another is stopping.

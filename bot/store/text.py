@@ -18,7 +18,7 @@ _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 def clean_text(value: str) -> str:
     """Return `value` with each NUL and each surrogate replaced by U+FFFD.
 
-    Python holds a character outside the BMP as one code point, so two surrogates that
+    Python stores a character outside the BMP as one code point, so two surrogates that
     would form a UTF-16 pair are replaced one by one.
     """
     return _UNSTORABLE.sub(REPLACEMENT, value)

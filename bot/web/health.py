@@ -1,4 +1,4 @@
-"""`/healthz` (the process answers) and `/readyz` (the database answers)."""
+"""`/healthz` (the process responds) and `/readyz` (the database responds)."""
 
 from __future__ import annotations
 
